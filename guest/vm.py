@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""Boot a throwaway Linux guest that mounts a directory exported by a 9p proxy helper.
+
+The host runs the helper as root and QEMU as uid/gid 65534, as in production. The
+guest is the host's Debian kernel with a busybox initramfs whose /init mounts the
+share at /mnt, runs a workload script there and powers off.
+
+    python3 guest/vm.py --helper /usr/lib/qemu/virtfs-proxy-helper --mode socket \\
+        --export /tmp/share --workload guest/workload.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO_DIR / ".cache" / "guest"
+QEMU = "qemu-system-x86_64"
+QEMU_UID = 65534
+QEMU_GID = 65534
+BUSYBOX = Path("/bin/busybox")
+MOUNT_TAG = "share"
+# The largest msize that the virtio transport of Linux 6.1 accepts:
+# PAGE_SIZE * (VIRTQUEUE_NUM - 3) bytes. Larger values are clamped with a warning.
+DEFAULT_MSIZE = 512000
+# Dependency order: each module needs only the ones before it.
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "9pnet",
+    "9pnet_virtio",
+    "netfs",
+    "fscache",
+    "9p",
+)
+START_MARKER = "=== VM WORKLOAD START ==="
+END_MARKER_RE = re.compile(r"^=== VM WORKLOAD END status=(\d+) ===$", re.MULTILINE)
+KEY_VALUE_RE = re.compile(r"^([a-z0-9_]+)=(.*)$", re.MULTILINE)
+
+Mode = Literal["socket", "fd"]
+
+# The kernel passes unknown "name=value" parameters of its command line to /init as
+# environment variables, which is how vm_msize arrives.
+INIT_SCRIPT = f"""#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+for module in {" ".join(MODULES)}; do
+    insmod /lib/modules/$module.ko || echo "vm-init: insmod $module failed"
+done
+# Keep kernel messages from interleaving with the workload output on the console.
+dmesg -n 1
+mounted=no
+for attempt in 1 2 3 4 5; do
+    if mount -t 9p -o trans=virtio,version=9p2000.L,msize=$vm_msize {MOUNT_TAG} /mnt
+    then
+        mounted=yes
+        break
+    fi
+    sleep 1
+done
+if [ $mounted = yes ]; then
+    cd /mnt
+    echo "{START_MARKER}"
+    sh /workload.sh </dev/null 2>&1
+    status=$?
+    cd /
+    echo "=== VM WORKLOAD END status=$status ==="
+    sync
+    umount /mnt || echo "vm-init: umount /mnt failed"
+else
+    echo "vm-init: mount of 9p tag {MOUNT_TAG} failed"
+fi
+poweroff -f
+"""
+
+
+class GuestError(RuntimeError):
+    """A guest run that failed before the workload finished, with its logs."""
+
+    def __init__(self, message: str, console: str = "", helper_stderr: str = ""):
+        super().__init__(message)
+        self.console = console
+        self.helper_stderr = helper_stderr
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.console:
+            text += "\n--- guest console (last 40 lines) ---\n" + _tail(self.console)
+        if self.helper_stderr:
+            text += "\n--- helper stderr (last 40 lines) ---\n"
+            text += _tail(self.helper_stderr)
+        return text
+
+
+class GuestTimeout(GuestError):
+    """A guest run that did not finish within its timeout."""
+
+
+@dataclass
+class GuestResult:
+    """The outcome of one guest run."""
+
+    stdout: str
+    """Workload output, stdout and stderr merged, with "\\n" line ends."""
+    status: int
+    """Exit status of the workload script."""
+    helper_returncode: int
+    """Negative when the harness had to kill the helper, as with subprocess."""
+    helper_stderr: str
+    """The helper's log (stderr in --nodaemon mode), with its stdout merged in."""
+    qemu_returncode: int
+    qemu_stderr: str
+    console: str
+    """The whole serial console, boot messages included."""
+    elapsed: float
+    """Seconds from starting the helper to QEMU's exit."""
+
+    def values(self) -> dict[str, str]:
+        """Return the workload's "key=value" lines as a dict (the last one wins)."""
+        return parse_key_values(self.stdout)
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    """Parse lines of the form "key=value" where key is [a-z0-9_]+."""
+    return {match[1]: match[2] for match in KEY_VALUE_RE.finditer(text)}
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _version_key(release: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)]
+
+
+def find_kernel_release() -> str:
+    """Return the newest installed "*-amd64" release that has both modules and a kernel."""
+    releases = [
+        path.name
+        for path in Path("/lib/modules").glob("*-amd64")
+        if Path(f"/boot/vmlinuz-{path.name}").is_file()
+    ]
+    if not releases:
+        raise GuestError(
+            "no kernel found: /lib/modules/*-amd64 with a matching /boot/vmlinuz-*; "
+            "run scripts/install-deps"
+        )
+    return max(releases, key=_version_key)
+
+
+def _find_module(release: str, name: str) -> Path:
+    kernel_dir = Path("/lib/modules") / release / "kernel"
+    for base in (name, name.replace("_", "-")):
+        for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+            found = sorted(kernel_dir.rglob(base + suffix))
+            if found:
+                return found[0]
+    raise GuestError(f"kernel module {name} not found under {kernel_dir}")
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        # Python 3.11 has no zstd module, so this needs the zstd command.
+        if shutil.which("zstd") is None:
+            raise GuestError(f"{path} is zstd-compressed: install the zstd package")
+        return subprocess.run(
+            ["zstd", "-dc", str(path)], check=True, capture_output=True
+        ).stdout
+    return data
+
+
+class NewcArchive:
+    """A cpio archive in the "newc" format that the kernel unpacks as initramfs."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._inode = 0
+
+    def _add(self, name: str, mode: int, data: bytes = b"", rdev: int = 0) -> None:
+        self._inode += 1
+        encoded = name.encode() + b"\0"
+        fields = (
+            self._inode, mode, 0, 0, 1, 0, len(data), 0, 0,
+            os.major(rdev), os.minor(rdev), len(encoded), 0,
+        )  # fmt: skip
+        header = b"070701" + b"".join(b"%08X" % field for field in fields)
+        self._parts.append(_pad4(header + encoded))
+        self._parts.append(_pad4(data))
+
+    def directory(self, name: str) -> None:
+        self._add(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._add(name, stat.S_IFREG | mode, data)
+
+    def char_device(self, name: str, major: int, minor: int) -> None:
+        self._add(name, stat.S_IFCHR | 0o600, rdev=os.makedev(major, minor))
+
+    def to_bytes(self) -> bytes:
+        trailer = NewcArchive()
+        trailer._add("TRAILER!!!", 0)
+        return b"".join(self._parts + trailer._parts)
+
+
+def _pad4(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _gzip(data: bytes) -> bytes:
+    # mtime=0 keeps the archive identical for identical inputs.
+    return _pad4(gzip.compress(data, compresslevel=6, mtime=0))
+
+
+def build_base_initramfs(
+    release: str | None = None, cache_dir: Path = CACHE_DIR
+) -> Path:
+    """Build the gzip'd base initramfs into cache_dir, unless it is up to date.
+
+    The archive holds busybox, the 9p/virtio modules of the kernel release (default:
+    find_kernel_release()) and /init. It is rebuilt when a digest of these inputs
+    changes. The per-run workload goes into a second archive, see run_guest().
+    """
+    release = release or find_kernel_release()
+    modules = {name: _read_module(_find_module(release, name)) for name in MODULES}
+    busybox = BUSYBOX.read_bytes()
+
+    digest = hashlib.sha256()
+    for part in (INIT_SCRIPT.encode(), busybox, *modules.values()):
+        digest.update(hashlib.sha256(part).digest())
+    output = cache_dir / f"base-{release}.cpio.gz"
+    digest_file = output.with_name(output.name + ".sha256")
+    if output.is_file() and digest_file.is_file():
+        if digest_file.read_text().strip() == digest.hexdigest():
+            return output
+
+    archive = NewcArchive()
+    for directory in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc",
+                      "sys", "tmp", "mnt", "lib", "lib/modules"):  # fmt: skip
+        archive.directory(directory)
+    archive.char_device("dev/console", 5, 1)
+    archive.file("bin/busybox", busybox, 0o755)
+    for name, data in modules.items():
+        archive.file(f"lib/modules/{name}.ko", data)
+    archive.file("init", INIT_SCRIPT.encode(), 0o755)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    temporary.write_bytes(_gzip(archive.to_bytes()))
+    temporary.replace(output)
+    digest_file.write_text(digest.hexdigest() + "\n")
+    return output
+
+
+def build_workload_initramfs(workload: bytes) -> bytes:
+    """Return a gzip'd cpio archive holding /workload.sh.
+
+    The kernel unpacks concatenated archives in order, so appending this one to the
+    base archive adds the file.
+    """
+    archive = NewcArchive()
+    archive.file("workload.sh", workload, 0o755)
+    return _gzip(archive.to_bytes())
+
+
+def _prepare_run_dir(release: str, workload: bytes) -> Path:
+    """Make a 0755 temporary dir holding the kernel and initrd, readable by QEMU.
+
+    QEMU runs as uid 65534, which may not be able to reach the repo's cache or read
+    /boot/vmlinuz-* (0600 on some Debian installs), so both files are copied here.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="vm-"))
+    run_dir.chmod(0o755)
+    shutil.copyfile(f"/boot/vmlinuz-{release}", run_dir / "vmlinuz")
+    base = build_base_initramfs(release)
+    with open(run_dir / "initrd.img", "wb") as initrd:
+        initrd.write(base.read_bytes())
+        initrd.write(build_workload_initramfs(workload))
+    for name in ("vmlinuz", "initrd.img"):
+        (run_dir / name).chmod(0o644)
+    return run_dir
+
+
+class _Reader(threading.Thread):
+    """Drain a pipe into memory so the child never blocks on a full pipe."""
+
+    def __init__(self, stream: IO[bytes], echo: IO[str] | None = None) -> None:
+        super().__init__(daemon=True)
+        self._stream = stream
+        self._echo = echo
+        self._chunks: list[bytes] = []
+
+    def run(self) -> None:
+        with self._stream:
+            while chunk := self._stream.read1(65536):
+                self._chunks.append(chunk)
+                if self._echo is not None:
+                    self._echo.write(chunk.decode(errors="replace").replace("\r", ""))
+                    self._echo.flush()
+
+    def text(self) -> str:
+        self.join(timeout=5)
+        data = b"".join(self._chunks).decode(errors="replace")
+        return data.replace("\r\n", "\n").replace("\r", "")
+
+
+def _start_reader(stream: IO[bytes] | None, echo: IO[str] | None = None) -> _Reader:
+    assert stream is not None
+    reader = _Reader(stream, echo)
+    reader.start()
+    return reader
+
+
+def _stop(process: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """Terminate a process that this module started, then kill it if it lingers."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_for_socket(
+    path: Path, helper: subprocess.Popen[bytes], deadline: float
+) -> None:
+    while not path.exists():
+        if helper.poll() is not None:
+            raise GuestError(
+                f"helper exited with status {helper.returncode} before creating {path}"
+            )
+        if time.monotonic() > deadline:
+            raise GuestTimeout(f"timed out waiting for the helper to create {path}")
+        time.sleep(0.01)
+    if not stat.S_ISSOCK(path.stat().st_mode):
+        raise GuestError(f"{path} is not a socket")
+
+
+def qemu_command(run_dir: Path, fsdev: str, msize: int) -> list[str]:
+    """Return the QEMU command line, run as uid/gid 65534 through setpriv."""
+    append = (
+        "console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check "
+        f"8250.nr_uarts=1 vm_msize={msize}"
+    )
+    return [
+        "setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_GID}", "--clear-groups",
+        "--",
+        QEMU, "-accel", "tcg", "-m", "512", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+        "-no-reboot",
+        "-kernel", str(run_dir / "vmlinuz"),
+        "-initrd", str(run_dir / "initrd.img"),
+        "-append", append,
+        "-fsdev", fsdev,
+        "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag={MOUNT_TAG}",
+    ]  # fmt: skip
+
+
+def run_guest(
+    helper: Sequence[str],
+    mode: Mode,
+    export: Path | str,
+    workload: Path | str | bytes,
+    *,
+    timeout: float = 300.0,
+    helper_exit_timeout: float = 10.0,
+    msize: int = DEFAULT_MSIZE,
+    echo: IO[str] | None = None,
+) -> GuestResult:
+    """Boot a guest that mounts `export` through `helper` and runs `workload` there.
+
+    helper is the helper command without its options, for example
+    ["/usr/lib/qemu/virtfs-proxy-helper"]. mode "socket" lets the helper listen on a
+    Unix socket, and mode "fd" hands it one end of a socketpair. workload is
+    a shell script path or its bytes. echo, if given, receives the serial console as
+    it arrives. Raises GuestTimeout after `timeout` seconds and GuestError when the
+    guest ends without finishing the workload. Needs root.
+    """
+    if os.geteuid() != 0:
+        raise GuestError("run_guest must run as root: the helper runs as root")
+    if mode not in ("socket", "fd"):
+        raise ValueError(f"invalid mode {mode!r}: expected 'socket' or 'fd'")
+    export = Path(export).resolve()
+    if not export.is_dir():
+        raise GuestError(f"export dir not found: {export}")
+    if not isinstance(workload, bytes):
+        workload = Path(workload).read_bytes()
+
+    release = find_kernel_release()
+    run_dir = _prepare_run_dir(release, workload)
+    processes: list[subprocess.Popen[bytes]] = []
+    sockets: list[socket.socket] = []
+    try:
+        start = time.monotonic()
+        deadline = start + timeout
+        if mode == "socket":
+            socket_path = run_dir / "proxy.sock"
+            helper_process = subprocess.Popen(
+                [*helper, "--nodaemon", "-u", str(QEMU_UID), "-g", str(QEMU_GID),
+                 "-s", str(socket_path), "-p", str(export)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            processes.append(helper_process)
+            helper_log = _start_reader(helper_process.stdout)
+            _wait_for_socket(socket_path, helper_process, deadline)
+            fsdev = f"proxy,id=fs0,socket={socket_path}"
+            qemu_fds: tuple[int, ...] = ()
+        else:
+            helper_end, qemu_end = socket.socketpair()
+            sockets += [helper_end, qemu_end]
+            helper_fd = helper_end.fileno()
+            # The helper inherits its end under the same fd number. Moving it to a
+            # fixed number such as 3 would need preexec_fn, which can clobber the
+            # pipe that subprocess uses to report exec errors.
+            helper_process = subprocess.Popen(
+                [*helper, "--nodaemon", "--fd", str(helper_fd), "--path", str(export)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(helper_fd,),
+            )
+            processes.append(helper_process)
+            helper_log = _start_reader(helper_process.stdout)
+            helper_end.close()
+            fsdev = f"proxy,id=fs0,sock_fd={qemu_end.fileno()}"
+            qemu_fds = (qemu_end.fileno(),)
+
+        qemu = subprocess.Popen(
+            qemu_command(run_dir, fsdev, msize),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=qemu_fds,
+        )
+        processes.append(qemu)
+        for sock in sockets:
+            sock.close()
+        console_log = _start_reader(qemu.stdout, echo)
+        qemu_log = _start_reader(qemu.stderr)
+        try:
+            qemu.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _stop(qemu)
+            _stop(helper_process)
+            raise GuestTimeout(
+                f"guest did not finish within {timeout:.0f} s",
+                console_log.text(),
+                helper_log.text(),
+            ) from None
+        elapsed = time.monotonic() - start
+
+        try:
+            helper_process.wait(timeout=helper_exit_timeout)
+        except subprocess.TimeoutExpired:
+            _stop(helper_process)
+        console = console_log.text()
+        helper_stderr = helper_log.text()
+        qemu_stderr = qemu_log.text()
+        workload = _parse_console(console)
+        if workload is None:
+            raise GuestError(
+                "guest ended without finishing the workload (QEMU exit status "
+                f"{qemu.returncode}, helper exit code {helper_process.returncode}); "
+                f"QEMU stderr: {qemu_stderr.strip() or '(empty)'}",
+                console,
+                helper_stderr,
+            )
+        output, status = workload
+        return GuestResult(
+            stdout=output,
+            status=status,
+            helper_returncode=helper_process.returncode,
+            helper_stderr=helper_stderr,
+            qemu_returncode=qemu.returncode,
+            qemu_stderr=qemu_stderr,
+            console=console,
+            elapsed=elapsed,
+        )
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        for sock in sockets:
+            sock.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _parse_console(console: str) -> tuple[str, int] | None:
+    """Return the workload output and exit status between the console markers."""
+    start = console.find(START_MARKER + "\n")
+    if start < 0:
+        return None
+    end = END_MARKER_RE.search(console, start)
+    if end is None:
+        return None
+    return console[start + len(START_MARKER) + 1 : end.start()], int(end[1])
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Boot a guest that mounts DIR through a 9p proxy helper and runs "
+        "a workload script in it. Needs root.",
+    )
+    parser.add_argument(
+        "--helper",
+        required=True,
+        help="helper command, split like a shell command line, "
+        "for example /usr/lib/qemu/virtfs-proxy-helper",
+    )
+    parser.add_argument("--mode", choices=("socket", "fd"), default="socket")
+    parser.add_argument("--export", required=True, type=Path, help="dir to share")
+    parser.add_argument(
+        "--workload", required=True, type=Path, help="shell script to run in /mnt"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds before QEMU is killed"
+    )
+    parser.add_argument("--msize", type=int, default=DEFAULT_MSIZE, help="bytes")
+    parser.add_argument(
+        "--console", action="store_true", help="echo the whole serial console"
+    )
+    args = parser.parse_args(None if argv is None else list(argv))
+
+    try:
+        result = run_guest(
+            shlex.split(args.helper),
+            args.mode,
+            args.export,
+            args.workload,
+            timeout=args.timeout,
+            msize=args.msize,
+            echo=sys.stderr if args.console else None,
+        )
+    except GuestError as error:
+        print(f"vm.py: {error}", file=sys.stderr)
+        return 2
+
+    sys.stdout.write(result.stdout)
+    print(
+        f"vm.py: workload exit status {result.status}, helper exit code "
+        f"{result.helper_returncode}, {result.elapsed:.1f} s",
+        file=sys.stderr,
+    )
+    if result.helper_stderr.strip():
+        print("vm.py: helper stderr:\n" + result.helper_stderr.rstrip(), file=sys.stderr)
+    if result.status != 0:
+        return result.status
+    return 0 if result.helper_returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Command line: the options of QEMU's C helper, and the start-up sequence."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import os
+import pwd
+import signal
+import stat
+import sys
+from types import FrameType
+from typing import NoReturn
+
+from . import __version__, logs
+from .sandbox import MAX_SOCKET_PATH, SetupError, adopt_socket, enter_export
+from .sandbox import listen_and_accept
+from .server import Server
+
+logger = logging.getLogger(__name__)
+
+PROG = "virtfs-proxy-helper"
+
+DESCRIPTION = """\
+Serve a directory to QEMU's 9p "proxy" filesystem driver. The helper runs
+as root, chroots into PATH, keeps only the capabilities that file
+operations need, and answers QEMU's requests over a unix socket. Give
+either --fd (a socket QEMU already holds the other end of) or --socket
+with --uid and --gid (a named socket QEMU connects to)."""
+
+
+class UsageError(Exception):
+    """The command line is invalid; the message says what to fix."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGINT arrived; derived from BaseException so that no
+    request handler's error path catches it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _user_id(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {value}") from None
+
+
+def _group_id(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {value}") from None
+
+
+def _descriptor(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a descriptor number: {value}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=DESCRIPTION)
+    parser.add_argument("-p", "--path", help="directory to export (required)")
+    parser.add_argument(
+        "-f", "--fd", type=_descriptor, metavar="N",
+        help="inherited descriptor of a connected unix stream socket",
+    )
+    parser.add_argument(
+        "-s", "--socket", metavar="PATH",
+        help="create a unix socket at PATH and serve the first client",
+    )
+    parser.add_argument(
+        "-u", "--uid", type=_user_id, metavar="UID",
+        help="owner of the --socket file, a number or user name",
+    )
+    parser.add_argument(
+        "-g", "--gid", type=_group_id, metavar="GID",
+        help="group of the --socket file, a number or group name",
+    )
+    parser.add_argument(
+        "-n", "--nodaemon", action="store_true",
+        help="stay in the foreground and log to stderr instead of syslog",
+    )
+    parser.add_argument(
+        "--log-level", default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe messages to log; debug traces every request "
+        "(default: info)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def check_options(options: argparse.Namespace) -> None:
+    """Reject option combinations and paths that cannot work."""
+    if options.path is None:
+        raise UsageError("--path is required")
+    if options.socket is None and options.fd is None:
+        raise UsageError("one of --socket or --fd is required")
+    if options.socket is not None and options.fd is not None:
+        raise UsageError("--socket and --fd cannot be used together")
+    try:
+        mode = os.stat(options.path).st_mode
+    except OSError as err:
+        raise UsageError(f"--path {options.path}: {err.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"--path {options.path}: not a directory")
+    if options.socket is not None:
+        _check_socket_path(options)
+    else:
+        _check_descriptor(options.fd)
+
+
+def _check_socket_path(options: argparse.Namespace) -> None:
+    if options.uid is None or options.gid is None:
+        raise UsageError("--socket requires --uid and --gid")
+    if len(os.fsencode(options.socket)) > MAX_SOCKET_PATH:
+        raise UsageError(
+            f"--socket {options.socket}: longer than the {MAX_SOCKET_PATH}-byte "
+            "limit for unix socket paths"
+        )
+    if os.path.lexists(options.socket):
+        raise UsageError(
+            f"--socket {options.socket}: already exists; remove it or pick another path"
+        )
+
+
+def _check_descriptor(fd: int) -> None:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as err:
+        raise UsageError(f"--fd {fd}: {err.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(f"--fd {fd}: not a socket")
+
+
+def daemonize() -> None:
+    """Detach from the terminal as daemon(3) does: fork, setsid, chdir /,
+    and point stdin, stdout and stderr at /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def run(options: argparse.Namespace) -> int:
+    """Connect, enter the export and serve; return the exit status."""
+    try:
+        if options.socket is not None:
+            sock = listen_and_accept(options.socket, options.uid, options.gid)
+        else:
+            sock = adopt_socket(options.fd)
+        operations = enter_export(options.path)
+    except SetupError as err:
+        logger.error("%s; exiting", err)
+        return 1
+    try:
+        Server(sock, operations).serve()
+    finally:
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        options = parser.parse_args(argv)
+        check_options(options)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        parser.print_usage(sys.stderr)
+        return 1
+
+    if not options.nodaemon:
+        daemonize()
+    logs.configure(options.nodaemon, getattr(logging, options.log_level.upper()))
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    logger.info("Started, exporting %s", options.path)
+    try:
+        status = run(options)
+    except Terminated as signame:
+        logger.info("stopping on %s", signame)
+        status = 0
+    logger.info("Done")
+    return status
+
+
+def entry_point() -> NoReturn:
+    sys.exit(main())

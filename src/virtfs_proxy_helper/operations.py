@@ -1,0 +1,271 @@
+"""Filesystem operations behind each request type.
+
+Each handler takes a decoded request and returns what its reply carries:
+an open descriptor (OPEN, CREATE), None for a plain success (status
+replies), or the payload bytes of a data reply. Failures raise `OSError`,
+whose errno goes back to the peer unchanged. Paths are used as the peer
+sent them: the process is chrooted into the export, so the kernel resolves
+every path, `..` and symlink target included, inside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from . import libc, protocol
+from .privileges import identity
+from .protocol import to_signed32, to_signed64
+
+# Filesystems whose inodes carry a generation number that FS_IOC_GETVERSION
+# reads: ext2/3/4, btrfs, xfs and reiserfs, by their statfs f_type.
+GETVERSION_FILESYSTEMS = frozenset({0xEF53, 0x9123683E, 0x58465342, 0x52654973})
+FS_IOC_GETVERSION = 0x80087601
+
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_MASK64 = (1 << 64) - 1
+
+# Flags that open a descriptor without opening the file itself: no device
+# driver's open runs and no FIFO blocks, so the type can be checked first.
+_PROBE_FLAGS = os.O_PATH | os.O_CLOEXEC
+_PROBE_KEEPS = os.O_NOFOLLOW | os.O_DIRECTORY
+
+Result = int | bytes | None
+
+
+def _to_id(value: int) -> int:
+    """Turn a u32 uid or gid into what os.* expects: -1 for "unchanged"."""
+    return -1 if value == protocol.NO_ID else value
+
+
+def _string_payload(value: bytes) -> bytes:
+    if len(value) + 2 > protocol.MAX_PAYLOAD:
+        raise OSError(errno.ENOBUFS, "reply does not fit in one frame")
+    return protocol.encode_string(value)
+
+
+def _check_regular_or_directory(fd: int) -> None:
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.ENXIO, "not a regular file or directory")
+
+
+class Operations:
+    """The request handlers, with the little state they share.
+
+    `proc_fd_dir` is a descriptor for this process's /proc/self/fd, opened
+    before chroot. It reopens an O_PATH descriptor with real open flags, so
+    OPEN can check a file's type before opening it. Without it (no /proc),
+    files are opened non-blocking and checked after, which still keeps a
+    FIFO from blocking but does run a device's open.
+    """
+
+    def __init__(self, proc_fd_dir: int | None, getversion_supported: bool):
+        self.proc_fd_dir = proc_fd_dir
+        self.getversion_supported = getversion_supported
+        self.handlers: dict[int, Callable[[Any], Result]] = {
+            protocol.T_OPEN: self.open,
+            protocol.T_CREATE: self.create,
+            protocol.T_MKNOD: self.mknod,
+            protocol.T_MKDIR: self.mkdir,
+            protocol.T_SYMLINK: self.symlink,
+            protocol.T_LINK: self.link,
+            protocol.T_LSTAT: self.lstat,
+            protocol.T_READLINK: self.readlink,
+            protocol.T_STATFS: self.statfs,
+            protocol.T_CHMOD: self.chmod,
+            protocol.T_CHOWN: self.chown,
+            protocol.T_TRUNCATE: self.truncate,
+            protocol.T_UTIME: self.utime,
+            protocol.T_RENAME: self.rename,
+            protocol.T_REMOVE: self.remove,
+            protocol.T_LGETXATTR: self.lgetxattr,
+            protocol.T_LLISTXATTR: self.llistxattr,
+            protocol.T_LSETXATTR: self.lsetxattr,
+            protocol.T_LREMOVEXATTR: self.lremovexattr,
+            protocol.T_GETVERSION: self.getversion,
+        }
+
+    # Descriptors.
+
+    def open_checked(self, path: bytes, flags: int) -> int:
+        """Open `path` with `flags` if it is a regular file or directory.
+
+        Anything else fails with ENXIO without being opened, where /proc
+        is available.
+        """
+        flags |= os.O_CLOEXEC
+        if self.proc_fd_dir is None:
+            return self._open_then_check(path, flags)
+        probe = os.open(path, _PROBE_FLAGS | (flags & _PROBE_KEEPS))
+        try:
+            _check_regular_or_directory(probe)
+            return os.open(b"%d" % probe, flags, dir_fd=self.proc_fd_dir)
+        finally:
+            os.close(probe)
+
+    @staticmethod
+    def _open_then_check(path: bytes, flags: int) -> int:
+        fd = os.open(path, flags | os.O_NONBLOCK)
+        try:
+            _check_regular_or_directory(fd)
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open(self, request: protocol.Open) -> int:
+        flags = to_signed32(request.flags) & ~(os.O_CREAT | os.O_EXCL)
+        return self.open_checked(request.path, flags)
+
+    def create(self, request: protocol.Create) -> int:
+        flags = to_signed32(request.flags) | os.O_CLOEXEC
+        mode = request.mode & 0o7777
+        with identity(_to_id(request.uid), _to_id(request.gid)):
+            if flags & os.O_CREAT:
+                # With O_EXCL the kernel creates a new regular file or fails,
+                # so nothing that already exists gets opened here.
+                try:
+                    return os.open(request.path, flags | os.O_EXCL, mode)
+                except FileExistsError:
+                    if flags & os.O_EXCL:
+                        raise
+                flags &= ~os.O_CREAT
+            return self.open_checked(request.path, flags)
+
+    # Creating objects as the guest's user.
+
+    def mknod(self, request: protocol.Mknod) -> None:
+        with identity(_to_id(request.uid), _to_id(request.gid)):
+            os.mknod(request.path, request.mode & 0o177777, request.rdev)
+
+    def mkdir(self, request: protocol.Mkdir) -> None:
+        with identity(_to_id(request.uid), _to_id(request.gid)):
+            os.mkdir(request.path, request.mode & 0o7777)
+
+    def symlink(self, request: protocol.Symlink) -> None:
+        with identity(_to_id(request.uid), _to_id(request.gid)):
+            os.symlink(request.target, request.path)
+
+    # Plain path operations.
+
+    def link(self, request: protocol.Link) -> None:
+        # link(2) does not follow a final symlink, and neither does this.
+        os.link(request.oldpath, request.newpath, follow_symlinks=False)
+
+    def rename(self, request: protocol.Rename) -> None:
+        os.rename(request.oldpath, request.newpath)
+
+    def remove(self, request: protocol.Remove) -> None:
+        try:
+            os.unlink(request.path)
+        except IsADirectoryError:
+            os.rmdir(request.path)
+
+    def chmod(self, request: protocol.Chmod) -> None:
+        os.chmod(request.path, request.mode & 0o7777)
+
+    def chown(self, request: protocol.Chown) -> None:
+        uid, gid = _to_id(request.uid), _to_id(request.gid)
+        os.chown(request.path, uid, gid, follow_symlinks=False)
+
+    def truncate(self, request: protocol.Truncate) -> None:
+        os.truncate(request.path, to_signed64(request.length))
+
+    def utime(self, request: protocol.Utime) -> None:
+        atime = (to_signed64(request.atime_sec), to_signed64(request.atime_nsec))
+        mtime = (to_signed64(request.mtime_sec), to_signed64(request.mtime_nsec))
+        libc.lutimens(request.path, atime, mtime)
+
+    # Data replies.
+
+    def lstat(self, request: protocol.Lstat) -> bytes:
+        st = os.lstat(request.path)
+        atime = divmod(st.st_atime_ns, 1_000_000_000)
+        mtime = divmod(st.st_mtime_ns, 1_000_000_000)
+        ctime = divmod(st.st_ctime_ns, 1_000_000_000)
+        return protocol.STAT.pack(
+            st.st_dev,
+            st.st_ino,
+            st.st_nlink,
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            st.st_size,
+            st.st_blksize,
+            st.st_blocks,
+            atime[0] & _MASK64,
+            atime[1],
+            mtime[0] & _MASK64,
+            mtime[1],
+            ctime[0] & _MASK64,
+            ctime[1],
+        )
+
+    def readlink(self, request: protocol.Readlink) -> bytes:
+        # The peer's buffer has room for bufsize - 1 bytes and a NUL, as in
+        # readlink(2) with a bufsize of bufsize - 1, which rejects 0.
+        room = to_signed32(request.bufsize) - 1
+        if room <= 0:
+            raise OSError(errno.EINVAL, "readlink buffer too small")
+        target = os.readlink(request.path)
+        return _string_payload(target[:room])
+
+    def statfs(self, request: protocol.Statfs) -> bytes:
+        fs = libc.statfs(request.path)
+        return protocol.STATFS.pack(*(field & _MASK64 for field in fs))
+
+    def getversion(self, request: protocol.Getversion) -> bytes:
+        if not self.getversion_supported:
+            return _U64.pack(0)
+        fd = self.open_checked(request.path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            result = fcntl.ioctl(fd, FS_IOC_GETVERSION, bytes(8))
+        finally:
+            os.close(fd)
+        return result
+
+    # Extended attributes. A size of 0 asks only for the length.
+
+    @staticmethod
+    def _sized_reply(value: bytes, size_field: int) -> bytes:
+        size = to_signed32(size_field)
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative xattr buffer size")
+        if size == 0:
+            return _U32.pack(len(value))
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "xattr buffer too small")
+        return _string_payload(value)
+
+    def lgetxattr(self, request: protocol.Lgetxattr) -> bytes:
+        value = os.getxattr(request.path, request.name, follow_symlinks=False)
+        return self._sized_reply(value, request.size)
+
+    def llistxattr(self, request: protocol.Llistxattr) -> bytes:
+        names = os.listxattr(request.path, follow_symlinks=False)
+        listing = b"".join(os.fsencode(name) + b"\0" for name in names)
+        return self._sized_reply(listing, request.size)
+
+    def lsetxattr(self, request: protocol.Lsetxattr) -> None:
+        if to_signed32(request.size) != len(request.value):
+            raise OSError(errno.EINVAL, "xattr size field disagrees with value")
+        os.setxattr(
+            request.path,
+            request.name,
+            request.value,
+            to_signed32(request.flags),
+            follow_symlinks=False,
+        )
+
+    def lremovexattr(self, request: protocol.Lremovexattr) -> None:
+        os.removexattr(request.path, request.name, follow_symlinks=False)

@@ -1,0 +1,166 @@
+"""The request loop: read a frame, run its handler, send one reply.
+
+Theory of operation: QEMU sends one request at a time and waits for its
+reply, so the loop is synchronous and single-threaded. Frames arrive into
+one reused buffer, normally with a single recv. The frame header gives the
+payload size, capped before anything is read, so a hostile size cannot make
+the helper allocate or wait for more than one maximal frame.
+
+Every request gets exactly one reply of the kind its type calls for, even
+when the payload is malformed or the handler fails. That keeps the two
+sides in step: QEMU reads an fd reply for OPEN and CREATE and a frame for
+everything else, so a reply of the wrong kind would desynchronise the
+stream. Only a frame whose size exceeds the protocol's maximum ends the
+connection, since the helper cannot tell where the next frame would start.
+
+The plain recv never accepts descriptors: if the peer attaches some with
+SCM_RIGHTS, the kernel discards them because no control buffer is given.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+
+from . import protocol
+from .operations import Operations, Result
+from .protocol import DecodeError
+
+logger = logging.getLogger(__name__)
+
+# Malformed requests are logged as warnings up to this count, then only at
+# DEBUG, so a hostile peer cannot flood the log.
+MAX_LOGGED_MALFORMED = 10
+
+_BUFFER_SIZE = protocol.HEADER_SIZE + protocol.MAX_PAYLOAD
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection or the stream can no longer be used."""
+
+
+class Server:
+    """Serves one connected peer until it disconnects."""
+
+    def __init__(self, sock: socket.socket, operations: Operations):
+        self.sock = sock
+        self.operations = operations
+        self.buffer = bytearray(_BUFFER_SIZE)
+        self.view = memoryview(self.buffer)
+        self.filled = 0
+        self.malformed = 0
+        self.requests = 0
+
+    def serve(self) -> None:
+        """Answer requests until the peer disconnects."""
+        try:
+            while True:
+                kind, payload = self._read_frame()
+                self.requests += 1
+                self._dispatch(kind, payload)
+        except PeerClosed as reason:
+            logger.info(
+                "connection closed: %s (%d requests, %d malformed)",
+                reason,
+                self.requests,
+                self.malformed,
+            )
+
+    def _fill(self, wanted: int) -> None:
+        while self.filled < wanted:
+            try:
+                received = self.sock.recv_into(self.view[self.filled :])
+            except OSError as err:
+                raise PeerClosed(f"receive failed: {err.strerror}") from err
+            if received == 0:
+                if self.filled:
+                    raise PeerClosed("peer disconnected in the middle of a frame")
+                raise PeerClosed("peer disconnected")
+            self.filled += received
+
+    def _read_frame(self) -> tuple[int, bytes]:
+        self._fill(protocol.HEADER_SIZE)
+        try:
+            kind, size = protocol.decode_header(self.view)
+        except DecodeError as err:
+            logger.error("closing the connection: %s", err)
+            raise PeerClosed("frame too large") from err
+        end = protocol.HEADER_SIZE + size
+        self._fill(end)
+        payload = bytes(self.view[protocol.HEADER_SIZE : end])
+        # A peer that sends ahead leaves bytes for the next frame.
+        leftover = self.filled - end
+        if leftover:
+            self.buffer[:leftover] = self.buffer[end : self.filled]
+        self.filled = leftover
+        return kind, payload
+
+    def _dispatch(self, kind: int, payload: bytes) -> None:
+        name = protocol.TYPE_NAMES.get(kind, str(kind))
+        try:
+            request = protocol.decode_request(kind, payload)
+        except DecodeError as err:
+            self._log_malformed(name, err)
+            code = errno.EOPNOTSUPP if kind not in protocol.LAYOUTS else errno.EINVAL
+            self._reply_error(kind, code)
+            return
+
+        result: Result
+        try:
+            result = self.operations.handlers[kind](request)
+        except OSError as err:
+            code = err.errno or errno.EIO
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s %r: %s", name, request, errno.errorcode.get(code))
+            self._reply_error(kind, code)
+            return
+        except Exception:
+            logger.exception("internal error in %s %r; replying EIO", name, request)
+            self._reply_error(kind, errno.EIO)
+            return
+
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %r: ok", name, request)
+        if kind in protocol.FD_REPLY_TYPES:
+            assert isinstance(result, int)
+            self._send_fd(result)
+        elif result is None:
+            self._send(protocol.encode_status(0))
+        else:
+            assert isinstance(result, bytes)
+            self._send(protocol.encode_data(result))
+
+    def _log_malformed(self, name: str, err: DecodeError) -> None:
+        self.malformed += 1
+        if self.malformed <= MAX_LOGGED_MALFORMED:
+            logger.warning("malformed %s request: %s", name, err)
+            if self.malformed == MAX_LOGGED_MALFORMED:
+                logger.warning("further malformed requests are logged at DEBUG")
+        else:
+            logger.debug("malformed %s request: %s", name, err)
+
+    def _reply_error(self, kind: int, code: int) -> None:
+        if kind in protocol.FD_REPLY_TYPES:
+            self._send(protocol.encode_fd_status(-code))
+        else:
+            self._send(protocol.encode_status(-code))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as err:
+            raise PeerClosed(f"send failed: {err.strerror}") from err
+
+    def _send_fd(self, fd: int) -> None:
+        data = protocol.encode_fd_status(protocol.FD_VALID)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        try:
+            self.sock.sendmsg([data], rights)
+        except OSError as err:
+            raise PeerClosed(f"sending a descriptor failed: {err.strerror}") from err
+        finally:
+            os.close(fd)
+
