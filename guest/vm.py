@@ -54,6 +54,10 @@ MODULES = (
     "fscache",
     "9p",
 )
+INITRAMFS_DIRS = (
+    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "mnt",
+    "lib", "lib/modules",
+)  # fmt: skip
 START_MARKER = "=== VM WORKLOAD START ==="
 END_MARKER_RE = re.compile(r"^=== VM WORKLOAD END status=(\d+) ===$", re.MULTILINE)
 KEY_VALUE_RE = re.compile(r"^([a-z0-9_]+)=(.*)$", re.MULTILINE)
@@ -155,11 +159,13 @@ def _tail(text: str, lines: int = 40) -> str:
 
 
 def _version_key(release: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)]
+    return [
+        int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)
+    ]
 
 
 def find_kernel_release() -> str:
-    """Return the newest installed "*-amd64" release that has both modules and a kernel."""
+    """Return the newest "*-amd64" release that has both modules and a kernel."""
     releases = [
         path.name
         for path in Path("/lib/modules").glob("*-amd64")
@@ -209,6 +215,8 @@ class NewcArchive:
     def _add(self, name: str, mode: int, data: bytes = b"", rdev: int = 0) -> None:
         self._inode += 1
         encoded = name.encode() + b"\0"
+        # The 13 header fields: ino, mode, uid, gid, nlink, mtime, filesize,
+        # devmajor, devminor, rdevmajor, rdevminor, namesize (with the NUL), check.
         fields = (
             self._inode, mode, 0, 0, 1, 0, len(data), 0, 0,
             os.major(rdev), os.minor(rdev), len(encoded), 0,
@@ -259,13 +267,16 @@ def build_base_initramfs(
         digest.update(hashlib.sha256(part).digest())
     output = cache_dir / f"base-{release}.cpio.gz"
     digest_file = output.with_name(output.name + ".sha256")
-    if output.is_file() and digest_file.is_file():
-        if digest_file.read_text().strip() == digest.hexdigest():
-            return output
+    up_to_date = (
+        output.is_file()
+        and digest_file.is_file()
+        and digest_file.read_text().strip() == digest.hexdigest()
+    )
+    if up_to_date:
+        return output
 
     archive = NewcArchive()
-    for directory in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc",
-                      "sys", "tmp", "mnt", "lib", "lib/modules"):  # fmt: skip
+    for directory in INITRAMFS_DIRS:
         archive.directory(directory)
     archive.char_device("dev/console", 5, 1)
     archive.file("bin/busybox", busybox, 0o755)
@@ -321,7 +332,7 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         with self._stream:
-            while chunk := self._stream.read1(65536):
+            while chunk := os.read(self._stream.fileno(), 65536):
                 self._chunks.append(chunk)
                 if self._echo is not None:
                     self._echo.write(chunk.decode(errors="replace").replace("\r", ""))
@@ -387,6 +398,74 @@ def qemu_command(run_dir: Path, fsdev: str, msize: int) -> list[str]:
     ]  # fmt: skip
 
 
+@dataclass
+class _Helper:
+    """A started helper and the -fsdev option that connects QEMU to it."""
+
+    process: subprocess.Popen[bytes]
+    log: _Reader
+    fsdev: str
+    qemu_socket: socket.socket | None
+    """QEMU's end of the socketpair in fd mode, to be inherited by QEMU."""
+
+    def stop(self) -> None:
+        _stop(self.process)
+        if self.qemu_socket is not None:
+            self.qemu_socket.close()
+
+
+def _start_helper(
+    command: Sequence[str], mode: Mode, export: Path, run_dir: Path, deadline: float
+) -> _Helper:
+    """Start the helper, and in socket mode wait until it listens."""
+    if mode == "socket":
+        socket_path = run_dir / "proxy.sock"
+        process = subprocess.Popen(
+            [*command, "--nodaemon", "-u", str(QEMU_UID), "-g", str(QEMU_GID),
+             "-s", str(socket_path), "-p", str(export)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        helper = _Helper(
+            process,
+            _start_reader(process.stdout),
+            f"proxy,id=fs0,socket={socket_path}",
+            None,
+        )
+        try:
+            _wait_for_socket(socket_path, process, deadline)
+        except GuestError as error:
+            helper.stop()
+            error.helper_stderr = helper.log.text()
+            raise
+        return helper
+
+    helper_end, qemu_end = socket.socketpair()
+    with helper_end:
+        # The helper inherits its end under the same fd number. Moving it to a fixed
+        # number such as 3 would need preexec_fn, which can clobber the pipe that
+        # subprocess uses to report exec errors.
+        try:
+            process = subprocess.Popen(
+                [*command, "--nodaemon", "--fd", str(helper_end.fileno()),
+                 "--path", str(export)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(helper_end.fileno(),),
+            )  # fmt: skip
+        except BaseException:
+            qemu_end.close()
+            raise
+    return _Helper(
+        process,
+        _start_reader(process.stdout),
+        f"proxy,id=fs0,sock_fd={qemu_end.fileno()}",
+        qemu_end,
+    )
+
+
 def run_guest(
     helper: Sequence[str],
     mode: Mode,
@@ -402,10 +481,11 @@ def run_guest(
 
     helper is the helper command without its options, for example
     ["/usr/lib/qemu/virtfs-proxy-helper"]. mode "socket" lets the helper listen on a
-    Unix socket, and mode "fd" hands it one end of a socketpair. workload is
-    a shell script path or its bytes. echo, if given, receives the serial console as
-    it arrives. Raises GuestTimeout after `timeout` seconds and GuestError when the
-    guest ends without finishing the workload. Needs root.
+    Unix socket, and mode "fd" hands it one end of a socketpair. workload is a shell
+    script path or its bytes. After QEMU exits, the helper gets helper_exit_timeout
+    seconds to exit by itself before it is terminated. echo, if given, receives the
+    serial console as it arrives. Raises GuestTimeout after `timeout` seconds and
+    GuestError when the guest ends without finishing the workload. Needs root.
     """
     if os.geteuid() != 0:
         raise GuestError("run_guest must run as root: the helper runs as root")
@@ -417,104 +497,86 @@ def run_guest(
     if not isinstance(workload, bytes):
         workload = Path(workload).read_bytes()
 
-    release = find_kernel_release()
-    run_dir = _prepare_run_dir(release, workload)
-    processes: list[subprocess.Popen[bytes]] = []
-    sockets: list[socket.socket] = []
+    run_dir = _prepare_run_dir(find_kernel_release(), workload)
     try:
         start = time.monotonic()
         deadline = start + timeout
-        if mode == "socket":
-            socket_path = run_dir / "proxy.sock"
-            helper_process = subprocess.Popen(
-                [*helper, "--nodaemon", "-u", str(QEMU_UID), "-g", str(QEMU_GID),
-                 "-s", str(socket_path), "-p", str(export)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            processes.append(helper_process)
-            helper_log = _start_reader(helper_process.stdout)
-            _wait_for_socket(socket_path, helper_process, deadline)
-            fsdev = f"proxy,id=fs0,socket={socket_path}"
-            qemu_fds: tuple[int, ...] = ()
-        else:
-            helper_end, qemu_end = socket.socketpair()
-            sockets += [helper_end, qemu_end]
-            helper_fd = helper_end.fileno()
-            # The helper inherits its end under the same fd number. Moving it to a
-            # fixed number such as 3 would need preexec_fn, which can clobber the
-            # pipe that subprocess uses to report exec errors.
-            helper_process = subprocess.Popen(
-                [*helper, "--nodaemon", "--fd", str(helper_fd), "--path", str(export)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                pass_fds=(helper_fd,),
+        helper_run = _start_helper(helper, mode, export, run_dir, deadline)
+        try:
+            return _run_qemu(
+                helper_run, run_dir, msize, start, deadline, echo, helper_exit_timeout
             )
-            processes.append(helper_process)
-            helper_log = _start_reader(helper_process.stdout)
-            helper_end.close()
-            fsdev = f"proxy,id=fs0,sock_fd={qemu_end.fileno()}"
-            qemu_fds = (qemu_end.fileno(),)
+        finally:
+            helper_run.stop()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
-        qemu = subprocess.Popen(
-            qemu_command(run_dir, fsdev, msize),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=qemu_fds,
-        )
-        processes.append(qemu)
-        for sock in sockets:
-            sock.close()
+
+def _run_qemu(
+    helper: _Helper,
+    run_dir: Path,
+    msize: int,
+    start: float,
+    deadline: float,
+    echo: IO[str] | None,
+    helper_exit_timeout: float,
+) -> GuestResult:
+    """Run QEMU against a started helper until it exits, and collect the result."""
+    qemu_fds = () if helper.qemu_socket is None else (helper.qemu_socket.fileno(),)
+    qemu = subprocess.Popen(
+        qemu_command(run_dir, helper.fsdev, msize),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=qemu_fds,
+    )
+    try:
+        # Close the parent's copy so that the helper sees EOF when QEMU exits.
+        if helper.qemu_socket is not None:
+            helper.qemu_socket.close()
         console_log = _start_reader(qemu.stdout, echo)
         qemu_log = _start_reader(qemu.stderr)
         try:
             qemu.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _stop(qemu)
-            _stop(helper_process)
+            helper.stop()
             raise GuestTimeout(
-                f"guest did not finish within {timeout:.0f} s",
+                f"guest did not finish within {deadline - start:.0f} s",
                 console_log.text(),
-                helper_log.text(),
+                helper.log.text(),
             ) from None
         elapsed = time.monotonic() - start
-
-        try:
-            helper_process.wait(timeout=helper_exit_timeout)
-        except subprocess.TimeoutExpired:
-            _stop(helper_process)
-        console = console_log.text()
-        helper_stderr = helper_log.text()
-        qemu_stderr = qemu_log.text()
-        workload = _parse_console(console)
-        if workload is None:
-            raise GuestError(
-                "guest ended without finishing the workload (QEMU exit status "
-                f"{qemu.returncode}, helper exit code {helper_process.returncode}); "
-                f"QEMU stderr: {qemu_stderr.strip() or '(empty)'}",
-                console,
-                helper_stderr,
-            )
-        output, status = workload
-        return GuestResult(
-            stdout=output,
-            status=status,
-            helper_returncode=helper_process.returncode,
-            helper_stderr=helper_stderr,
-            qemu_returncode=qemu.returncode,
-            qemu_stderr=qemu_stderr,
-            console=console,
-            elapsed=elapsed,
-        )
     finally:
-        for process in reversed(processes):
-            _stop(process)
-        for sock in sockets:
-            sock.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _stop(qemu)
+
+    try:
+        helper.process.wait(timeout=helper_exit_timeout)
+    except subprocess.TimeoutExpired:
+        helper.stop()
+    console = console_log.text()
+    helper_stderr = helper.log.text()
+    qemu_stderr = qemu_log.text()
+    workload = _parse_console(console)
+    if workload is None:
+        raise GuestError(
+            "guest ended without finishing the workload (QEMU exit status "
+            f"{qemu.returncode}, helper exit code {helper.process.returncode}); "
+            f"QEMU stderr: {qemu_stderr.strip() or '(empty)'}",
+            console,
+            helper_stderr,
+        )
+    output, status = workload
+    return GuestResult(
+        stdout=output,
+        status=status,
+        helper_returncode=helper.process.returncode,
+        helper_stderr=helper_stderr,
+        qemu_returncode=qemu.returncode,
+        qemu_stderr=qemu_stderr,
+        console=console,
+        elapsed=elapsed,
+    )
 
 
 def _parse_console(console: str) -> tuple[str, int] | None:
@@ -574,7 +636,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         file=sys.stderr,
     )
     if result.helper_stderr.strip():
-        print("vm.py: helper stderr:\n" + result.helper_stderr.rstrip(), file=sys.stderr)
+        print(
+            "vm.py: helper stderr:\n" + result.helper_stderr.rstrip(), file=sys.stderr
+        )
     if result.status != 0:
         return result.status
     return 0 if result.helper_returncode == 0 else 1

@@ -174,10 +174,10 @@ def run(options: argparse.Namespace) -> int:
         logger.error("%s; exiting", err)
         return 1
     try:
-        Server(sock, operations).serve()
+        clean = Server(sock, operations).serve()
     finally:
         sock.close()
-    return 0
+    return 0 if clean else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,14 @@ _BUFFER_SIZE = protocol.HEADER_SIZE + protocol.MAX_PAYLOAD
 
 
 class PeerClosed(Exception):
-    """The peer closed the connection or the stream can no longer be used."""
+    """The connection ended: the peer closed it, or it can no longer be used.
+
+    `clean` is true only for an orderly close between two frames.
+    """
+
+    def __init__(self, reason: str, clean: bool = False):
+        super().__init__(reason)
+        self.clean = clean
 
 
 class Server:
@@ -54,20 +61,26 @@ class Server:
         self.malformed = 0
         self.requests = 0
 
-    def serve(self) -> None:
-        """Answer requests until the peer disconnects."""
+    def serve(self) -> bool:
+        """Answer requests until the connection ends.
+
+        Return True if the peer closed it cleanly, False if it broke or the
+        peer violated the protocol.
+        """
         try:
             while True:
                 kind, payload = self._read_frame()
                 self.requests += 1
                 self._dispatch(kind, payload)
-        except PeerClosed as reason:
-            logger.info(
+        except PeerClosed as closed:
+            log = logger.info if closed.clean else logger.error
+            log(
                 "connection closed: %s (%d requests, %d malformed)",
-                reason,
+                closed,
                 self.requests,
                 self.malformed,
             )
+            return closed.clean
 
     def _fill(self, wanted: int) -> None:
         while self.filled < wanted:
@@ -78,7 +91,7 @@ class Server:
             if received == 0:
                 if self.filled:
                     raise PeerClosed("peer disconnected in the middle of a frame")
-                raise PeerClosed("peer disconnected")
+                raise PeerClosed("peer disconnected", clean=True)
             self.filled += received
 
     def _read_frame(self) -> tuple[int, bytes]:
@@ -86,8 +99,7 @@ class Server:
         try:
             kind, size = protocol.decode_header(self.view)
         except DecodeError as err:
-            logger.error("closing the connection: %s", err)
-            raise PeerClosed("frame too large") from err
+            raise PeerClosed(f"invalid frame header: {err}") from err
         end = protocol.HEADER_SIZE + size
         self._fill(end)
         payload = bytes(self.view[protocol.HEADER_SIZE : end])

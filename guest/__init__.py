@@ -1,0 +1,1 @@
+"""Test guest for the 9p proxy helper: see vm.py."""
