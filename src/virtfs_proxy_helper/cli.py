@@ -14,8 +14,13 @@ from types import FrameType
 from typing import NoReturn
 
 from . import __version__, logs
-from .sandbox import MAX_SOCKET_PATH, SetupError, adopt_socket, enter_export
-from .sandbox import listen_and_accept
+from .sandbox import (
+    MAX_SOCKET_PATH,
+    SetupError,
+    adopt_socket,
+    enter_export,
+    listen_and_accept,
+)
 from .server import Server
 
 logger = logging.getLogger(__name__)
@@ -72,32 +77,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("-p", "--path", help="directory to export (required)")
     parser.add_argument(
-        "-f", "--fd", type=_descriptor, metavar="N",
+        "-f",
+        "--fd",
+        type=_descriptor,
+        metavar="N",
         help="inherited descriptor of a connected unix stream socket",
     )
     parser.add_argument(
-        "-s", "--socket", metavar="PATH",
+        "-s",
+        "--socket",
+        metavar="PATH",
         help="create a unix socket at PATH and serve the first client",
     )
     parser.add_argument(
-        "-u", "--uid", type=_user_id, metavar="UID",
+        "-u",
+        "--uid",
+        type=_user_id,
+        metavar="UID",
         help="owner of the --socket file, a number or user name",
     )
     parser.add_argument(
-        "-g", "--gid", type=_group_id, metavar="GID",
+        "-g",
+        "--gid",
+        type=_group_id,
+        metavar="GID",
         help="group of the --socket file, a number or group name",
     )
     parser.add_argument(
-        "-n", "--nodaemon", action="store_true",
+        "-n",
+        "--nodaemon",
+        action="store_true",
         help="stay in the foreground and log to stderr instead of syslog",
     )
     parser.add_argument(
-        "--log-level", default="info",
+        "--log-level",
+        default="info",
         choices=["debug", "info", "warning", "error"],
-        help="least severe messages to log; debug traces every request "
-        "(default: info)",
+        help="least severe messages to log; debug traces every request (default: info)",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
     return parser
 
 

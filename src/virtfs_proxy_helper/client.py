@@ -122,7 +122,9 @@ class Client:
         return Reply(status)
 
     def read_frame_reply(self) -> Reply:
-        kind, size = protocol.HEADER.unpack(_recv_exact(self.sock, protocol.HEADER_SIZE))
+        kind, size = protocol.HEADER.unpack(
+            _recv_exact(self.sock, protocol.HEADER_SIZE)
+        )
         payload = _recv_exact(self.sock, size)
         if kind == protocol.T_ERROR:
             if size != 4:

@@ -14,7 +14,7 @@ byte but NUL in a file name.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 # Request and reply types, numbered as in QEMU's hw/9pfs/9p-proxy.h.
 T_SUCCESS = 0
@@ -175,28 +175,28 @@ class Getversion(NamedTuple):
     path: bytes
 
 
-Request = Union[
-    Open,
-    Create,
-    Mknod,
-    Mkdir,
-    Symlink,
-    Link,
-    Lstat,
-    Readlink,
-    Statfs,
-    Chmod,
-    Chown,
-    Truncate,
-    Utime,
-    Rename,
-    Remove,
-    Lgetxattr,
-    Llistxattr,
-    Lsetxattr,
-    Lremovexattr,
-    Getversion,
-]
+Request = (
+    Open
+    | Create
+    | Mknod
+    | Mkdir
+    | Symlink
+    | Link
+    | Lstat
+    | Readlink
+    | Statfs
+    | Chmod
+    | Chown
+    | Truncate
+    | Utime
+    | Rename
+    | Remove
+    | Lgetxattr
+    | Llistxattr
+    | Lsetxattr
+    | Lremovexattr
+    | Getversion
+)
 
 # Field layout of each request, one letter per field: d = u32, q = u64,
 # p = a path or name string (no NUL byte allowed), s = a string of any bytes.

@@ -175,4 +175,3 @@ class Server:
             raise PeerClosed(f"sending a descriptor failed: {err.strerror}") from err
         finally:
             os.close(fd)
-
