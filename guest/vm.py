@@ -12,9 +12,6 @@ share at /mnt, runs a workload script there and powers off.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import lzma
 import os
 import re
 import shlex
@@ -31,80 +28,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-CACHE_DIR = REPO_DIR / ".cache" / "guest"
+if __package__ in (None, ""):
+    # Run as "python3 guest/vm.py": make the guest package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guest.initramfs import (  # noqa: E402
+    DEFAULT_MSIZE,
+    END_MARKER_RE,
+    MOUNT_TAG,
+    START_MARKER,
+    InitramfsError,
+    build_base_initramfs,
+    build_workload_initramfs,
+    find_kernel_release,
+)
+
 QEMU = "qemu-system-x86_64"
 QEMU_UID = 65534
 QEMU_GID = 65534
-BUSYBOX = Path("/bin/busybox")
-MOUNT_TAG = "share"
-# The largest msize that the virtio transport of Linux 6.1 accepts:
-# PAGE_SIZE * (VIRTQUEUE_NUM - 3) bytes. Larger values are clamped with a warning.
-DEFAULT_MSIZE = 512000
-# Dependency order: each module needs only the ones before it.
-MODULES = (
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "9pnet",
-    "9pnet_virtio",
-    "netfs",
-    "fscache",
-    "9p",
-)
-INITRAMFS_DIRS = (
-    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "mnt",
-    "lib", "lib/modules",
-)  # fmt: skip
-START_MARKER = "=== VM WORKLOAD START ==="
-END_MARKER_RE = re.compile(r"^=== VM WORKLOAD END status=(\d+) ===$", re.MULTILINE)
 KEY_VALUE_RE = re.compile(r"^([a-z0-9_]+)=(.*)$", re.MULTILINE)
 
 Mode = Literal["socket", "fd"]
 
-# The kernel passes unknown "name=value" parameters of its command line to /init as
-# environment variables, which is how vm_msize arrives.
-INIT_SCRIPT = f"""#!/bin/busybox sh
-/bin/busybox --install -s
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-for module in {" ".join(MODULES)}; do
-    insmod /lib/modules/$module.ko || echo "vm-init: insmod $module failed"
-done
-# Keep kernel messages from interleaving with the workload output on the console.
-dmesg -n 1
-mounted=no
-for attempt in 1 2 3 4 5; do
-    if mount -t 9p -o trans=virtio,version=9p2000.L,msize=$vm_msize {MOUNT_TAG} /mnt
-    then
-        mounted=yes
-        break
-    fi
-    sleep 1
-done
-if [ $mounted = yes ]; then
-    cd /mnt
-    echo "{START_MARKER}"
-    sh /workload.sh </dev/null 2>&1
-    status=$?
-    cd /
-    echo "=== VM WORKLOAD END status=$status ==="
-    sync
-    umount /mnt || echo "vm-init: umount /mnt failed"
-else
-    echo "vm-init: mount of 9p tag {MOUNT_TAG} failed"
-fi
-poweroff -f
-"""
-
 
 class GuestError(RuntimeError):
-    """A guest run that failed before the workload finished, with its logs."""
+    """A guest run that ended before its workload finished, with the logs so far."""
 
     def __init__(self, message: str, console: str = "", helper_stderr: str = ""):
         super().__init__(message)
@@ -158,171 +106,31 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _version_key(release: str) -> list[int | str]:
-    return [
-        int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)
-    ]
-
-
-def find_kernel_release() -> str:
-    """Return the newest "*-amd64" release that has both modules and a kernel."""
-    releases = [
-        path.name
-        for path in Path("/lib/modules").glob("*-amd64")
-        if Path(f"/boot/vmlinuz-{path.name}").is_file()
-    ]
-    if not releases:
-        raise GuestError(
-            "no kernel found: /lib/modules/*-amd64 with a matching /boot/vmlinuz-*; "
-            "run scripts/install-deps"
-        )
-    return max(releases, key=_version_key)
-
-
-def _find_module(release: str, name: str) -> Path:
-    kernel_dir = Path("/lib/modules") / release / "kernel"
-    for base in (name, name.replace("_", "-")):
-        for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-            found = sorted(kernel_dir.rglob(base + suffix))
-            if found:
-                return found[0]
-    raise GuestError(f"kernel module {name} not found under {kernel_dir}")
-
-
-def _read_module(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.name.endswith(".xz"):
-        return lzma.decompress(data)
-    if path.name.endswith(".gz"):
-        return gzip.decompress(data)
-    if path.name.endswith(".zst"):
-        # Python 3.11 has no zstd module, so this needs the zstd command.
-        if shutil.which("zstd") is None:
-            raise GuestError(f"{path} is zstd-compressed: install the zstd package")
-        return subprocess.run(
-            ["zstd", "-dc", str(path)], check=True, capture_output=True
-        ).stdout
-    return data
-
-
-class NewcArchive:
-    """A cpio archive in the "newc" format that the kernel unpacks as initramfs."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._inode = 0
-
-    def _add(self, name: str, mode: int, data: bytes = b"", rdev: int = 0) -> None:
-        self._inode += 1
-        encoded = name.encode() + b"\0"
-        # The 13 header fields: ino, mode, uid, gid, nlink, mtime, filesize,
-        # devmajor, devminor, rdevmajor, rdevminor, namesize (with the NUL), check.
-        fields = (
-            self._inode, mode, 0, 0, 1, 0, len(data), 0, 0,
-            os.major(rdev), os.minor(rdev), len(encoded), 0,
-        )  # fmt: skip
-        header = b"070701" + b"".join(b"%08X" % field for field in fields)
-        self._parts.append(_pad4(header + encoded))
-        self._parts.append(_pad4(data))
-
-    def directory(self, name: str) -> None:
-        self._add(name, stat.S_IFDIR | 0o755)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._add(name, stat.S_IFREG | mode, data)
-
-    def char_device(self, name: str, major: int, minor: int) -> None:
-        self._add(name, stat.S_IFCHR | 0o600, rdev=os.makedev(major, minor))
-
-    def to_bytes(self) -> bytes:
-        trailer = NewcArchive()
-        trailer._add("TRAILER!!!", 0)
-        return b"".join(self._parts + trailer._parts)
-
-
-def _pad4(data: bytes) -> bytes:
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _gzip(data: bytes) -> bytes:
-    # mtime=0 keeps the archive identical for identical inputs.
-    return _pad4(gzip.compress(data, compresslevel=6, mtime=0))
-
-
-def build_base_initramfs(
-    release: str | None = None, cache_dir: Path = CACHE_DIR
-) -> Path:
-    """Build the gzip'd base initramfs into cache_dir, unless it is up to date.
-
-    The archive holds busybox, the 9p/virtio modules of the kernel release (default:
-    find_kernel_release()) and /init. It is rebuilt when a digest of these inputs
-    changes. The per-run workload goes into a second archive, see run_guest().
-    """
-    release = release or find_kernel_release()
-    modules = {name: _read_module(_find_module(release, name)) for name in MODULES}
-    busybox = BUSYBOX.read_bytes()
-
-    digest = hashlib.sha256()
-    for part in (INIT_SCRIPT.encode(), busybox, *modules.values()):
-        digest.update(hashlib.sha256(part).digest())
-    output = cache_dir / f"base-{release}.cpio.gz"
-    digest_file = output.with_name(output.name + ".sha256")
-    up_to_date = (
-        output.is_file()
-        and digest_file.is_file()
-        and digest_file.read_text().strip() == digest.hexdigest()
-    )
-    if up_to_date:
-        return output
-
-    archive = NewcArchive()
-    for directory in INITRAMFS_DIRS:
-        archive.directory(directory)
-    archive.char_device("dev/console", 5, 1)
-    archive.file("bin/busybox", busybox, 0o755)
-    for name, data in modules.items():
-        archive.file(f"lib/modules/{name}.ko", data)
-    archive.file("init", INIT_SCRIPT.encode(), 0o755)
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(output.name + ".tmp")
-    temporary.write_bytes(_gzip(archive.to_bytes()))
-    temporary.replace(output)
-    digest_file.write_text(digest.hexdigest() + "\n")
-    return output
-
-
-def build_workload_initramfs(workload: bytes) -> bytes:
-    """Return a gzip'd cpio archive holding /workload.sh.
-
-    The kernel unpacks concatenated archives in order, so appending this one to the
-    base archive adds the file.
-    """
-    archive = NewcArchive()
-    archive.file("workload.sh", workload, 0o755)
-    return _gzip(archive.to_bytes())
-
-
 def _prepare_run_dir(release: str, workload: bytes) -> Path:
     """Make a 0755 temporary dir holding the kernel and initrd, readable by QEMU.
 
     QEMU runs as uid 65534, which may not be able to reach the repo's cache or read
-    /boot/vmlinuz-* (0600 on some Debian installs), so both files are copied here.
+    /boot/vmlinuz-* (some distributions install it with mode 0600), so both files
+    are copied here.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="vm-"))
-    run_dir.chmod(0o755)
-    shutil.copyfile(f"/boot/vmlinuz-{release}", run_dir / "vmlinuz")
-    base = build_base_initramfs(release)
-    with open(run_dir / "initrd.img", "wb") as initrd:
-        initrd.write(base.read_bytes())
-        initrd.write(build_workload_initramfs(workload))
-    for name in ("vmlinuz", "initrd.img"):
-        (run_dir / name).chmod(0o644)
+    try:
+        run_dir.chmod(0o755)
+        shutil.copyfile(f"/boot/vmlinuz-{release}", run_dir / "vmlinuz")
+        base = build_base_initramfs(release)
+        with open(run_dir / "initrd.img", "wb") as initrd:
+            initrd.write(base.read_bytes())
+            initrd.write(build_workload_initramfs(workload))
+        for name in ("vmlinuz", "initrd.img"):
+            (run_dir / name).chmod(0o644)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir
 
 
 class _Reader(threading.Thread):
-    """Drain a pipe into memory so the child never blocks on a full pipe."""
+    """A thread that reads a pipe into memory, so the child never blocks writing."""
 
     def __init__(self, stream: IO[bytes], echo: IO[str] | None = None) -> None:
         super().__init__(daemon=True)
@@ -488,7 +296,7 @@ def run_guest(
     GuestError when the guest ends without finishing the workload. Needs root.
     """
     if os.geteuid() != 0:
-        raise GuestError("run_guest must run as root: the helper runs as root")
+        raise GuestError("run_guest needs root: the helper must run as root")
     if mode not in ("socket", "fd"):
         raise ValueError(f"invalid mode {mode!r}: expected 'socket' or 'fd'")
     export = Path(export).resolve()
@@ -531,7 +339,7 @@ def _run_qemu(
         pass_fds=qemu_fds,
     )
     try:
-        # Close the parent's copy so that the helper sees EOF when QEMU exits.
+        # Close the parent's copy so that the helper reads EOF when QEMU exits.
         if helper.qemu_socket is not None:
             helper.qemu_socket.close()
         console_log = _start_reader(qemu.stdout, echo)
@@ -542,7 +350,7 @@ def _run_qemu(
             _stop(qemu)
             helper.stop()
             raise GuestTimeout(
-                f"guest did not finish within {deadline - start:.0f} s",
+                f"timed out: the guest did not finish within {deadline - start:.0f} s",
                 console_log.text(),
                 helper.log.text(),
             ) from None
@@ -592,8 +400,12 @@ def _parse_console(console: str) -> tuple[str, int] | None:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Boot a guest that mounts DIR through a 9p proxy helper and runs "
-        "a workload script in it. Needs root.",
+        description="Boot a QEMU guest that mounts the export dir through a 9p proxy "
+        "helper and runs a workload script in it, then print the workload output. "
+        "Needs root.",
+        epilog="Exit status: the workload's status if it failed, else 1 if the "
+        "helper exited with a non-zero code, else 0. 2 when the guest did not "
+        "finish the workload.",
     )
     parser.add_argument(
         "--helper",
@@ -601,17 +413,33 @@ def main(argv: Iterable[str] | None = None) -> int:
         help="helper command, split like a shell command line, "
         "for example /usr/lib/qemu/virtfs-proxy-helper",
     )
-    parser.add_argument("--mode", choices=("socket", "fd"), default="socket")
+    parser.add_argument(
+        "--mode",
+        choices=("socket", "fd"),
+        default="socket",
+        help="socket: the helper listens on a Unix socket (-s); fd: the helper gets "
+        "one end of a socketpair (--fd). Default: socket",
+    )
     parser.add_argument("--export", required=True, type=Path, help="dir to share")
     parser.add_argument(
         "--workload", required=True, type=Path, help="shell script to run in /mnt"
     )
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds before QEMU is killed"
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds before QEMU and the helper are killed. Default: 300",
     )
-    parser.add_argument("--msize", type=int, default=DEFAULT_MSIZE, help="bytes")
     parser.add_argument(
-        "--console", action="store_true", help="echo the whole serial console"
+        "--msize",
+        type=int,
+        default=DEFAULT_MSIZE,
+        help=f"9p msize mount option in bytes. Default: {DEFAULT_MSIZE}",
+    )
+    parser.add_argument(
+        "--console",
+        action="store_true",
+        help="echo the whole serial console to stderr as it arrives",
     )
     args = parser.parse_args(None if argv is None else list(argv))
 
@@ -625,7 +453,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             msize=args.msize,
             echo=sys.stderr if args.console else None,
         )
-    except GuestError as error:
+    except (GuestError, InitramfsError) as error:
         print(f"vm.py: {error}", file=sys.stderr)
         return 2
 

@@ -199,8 +199,8 @@ Request = (
 )
 
 # Field layout of each request, one letter per field: d = u32, q = u64,
-# p = a path or name string (no NUL byte allowed), s = a string of any bytes.
-# On the wire p and s are the same; p only adds the NUL check.
+# p = a path or name string, s = a string of any bytes. On the wire p and s
+# are the same; decoding a p drops one trailing NUL and rejects any other.
 LAYOUTS: dict[int, tuple[type[Request], str]] = {
     T_OPEN: (Open, "pd"),
     T_CREATE: (Create, "pdddd"),
@@ -269,8 +269,14 @@ def decode_fields(layout: str, payload: bytes | memoryview) -> list[int | bytes]
                 )
             text = bytes(payload[offset : offset + length])
             offset += length
-            if code == "p" and b"\0" in text:
-                raise DecodeError(f"string {len(fields)} contains a NUL byte")
+            if code == "p":
+                # QEMU sends most paths with their C terminator counted in
+                # the length, so one trailing NUL is dropped. Any other NUL
+                # would cut the path short in a C call, so it is rejected.
+                if text.endswith(b"\0"):
+                    text = text[:-1]
+                if b"\0" in text:
+                    raise DecodeError(f"string {len(fields)} contains a NUL byte")
             fields.append(text)
     if offset != end:
         raise DecodeError(f"{end - offset} bytes left over after the last field")
