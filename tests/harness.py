@@ -19,7 +19,9 @@ C_HELPER = "/usr/lib/qemu/virtfs-proxy-helper"
 
 def our_helper() -> list[str]:
     """Return the command that runs this checkout's helper."""
-    installed = shutil.which("virtfs-proxy-helper", path=str(Path(sys.executable).parent))
+    installed = shutil.which(
+        "virtfs-proxy-helper", path=str(Path(sys.executable).parent)
+    )
     if installed:
         return [installed]
     return [sys.executable, "-m", "virtfs_proxy_helper"]
@@ -81,7 +83,9 @@ def running_helper(
             process.stderr.close()
 
 
-def wait_for_path(path: Path, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+def wait_for_path(
+    path: Path, process: subprocess.Popen[bytes], timeout: float = 10
+) -> None:
     """Wait until `path` exists, failing early if `process` exits."""
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

@@ -148,7 +148,9 @@ def test_create_as_guest_user(helper: HelperProcess, export: Path) -> None:
 
 
 def test_create_existing_without_excl(helper: HelperProcess, export: Path) -> None:
-    reply = helper.client.call(p.Create(b"/file", os.O_RDONLY | os.O_CREAT, 0o600, 0, 0))
+    reply = helper.client.call(
+        p.Create(b"/file", os.O_RDONLY | os.O_CREAT, 0o600, 0, 0)
+    )
     assert reply.fd is not None
     try:
         assert os.read(reply.fd, 5) == b"hello"
@@ -191,7 +193,9 @@ def test_credentialed_ops_restore_root(
     assert call_status(helper, p.Symlink(uid, gid, b"target", b"/d/s")) == 0
     mode = stat.S_IFIFO | 0o600
     assert call_status(helper, p.Mknod(uid, gid, b"/d/n", mode, 0)) == 0
-    reply = helper.client.call(p.Create(b"/d/f", os.O_CREAT | os.O_RDWR, 0o600, uid, gid))
+    reply = helper.client.call(
+        p.Create(b"/d/f", os.O_CREAT | os.O_RDWR, 0o600, uid, gid)
+    )
     assert reply.fd is not None
     os.close(reply.fd)
     for name in ("d", "d/s", "d/n", "d/f"):
@@ -224,7 +228,9 @@ def test_symlink_and_readlink(helper: HelperProcess, export: Path) -> None:
     assert parse_string(reply.payload) == b"../escape"
 
 
-@pytest.mark.parametrize(("bufsize", "expected"), [(100, b"file"), (3, b"fi"), (2, b"f")])
+@pytest.mark.parametrize(
+    ("bufsize", "expected"), [(100, b"file"), (3, b"fi"), (2, b"f")]
+)
 def test_readlink_truncates_to_bufsize(
     helper: HelperProcess, bufsize: int, expected: bytes
 ) -> None:
@@ -545,7 +551,6 @@ def test_disconnect_mid_frame(helper: HelperProcess) -> None:
     status, stderr = helper.close()
     assert status == 1
     assert "middle of a frame" in stderr
-
 
 
 def test_getversion_unsupported_filesystem(

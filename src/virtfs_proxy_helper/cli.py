@@ -30,13 +30,13 @@ PROG = "virtfs-proxy-helper"
 DESCRIPTION = """\
 Serve a directory to QEMU's 9p "proxy" filesystem driver. The helper runs
 as root, chroots into PATH, keeps only the capabilities that file
-operations need, and answers QEMU's requests over a unix socket. Give
+operations need, and serves QEMU's requests over a unix socket. Give
 either --fd (a socket QEMU already holds the other end of) or --socket
 with --uid and --gid (a named socket QEMU connects to)."""
 
 
 class UsageError(Exception):
-    """The command line is invalid; the message says what to fix."""
+    """The command line is invalid; the message names what to fix."""
 
 
 class Terminated(BaseException):

@@ -234,7 +234,7 @@ class Operations:
             os.close(fd)
         return result
 
-    # Extended attributes. A size of 0 asks only for the length.
+    # Extended attributes. A size of 0 requests only the length.
 
     @staticmethod
     def _sized_reply(value: bytes, size_field: int) -> bytes:

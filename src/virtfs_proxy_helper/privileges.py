@@ -63,7 +63,7 @@ def limit_capabilities() -> None:
             if libc.prctl(libc.PR_CAPBSET_READ, cap) == 1:
                 libc.prctl(libc.PR_CAPBSET_DROP, cap)
         except OSError as err:
-            # EINVAL means cap is past the last capability this kernel knows.
+            # EINVAL means cap is past the last capability this kernel supports.
             if err.errno != errno.EINVAL:
                 raise
     libc.capset(_ROOT_SETS)

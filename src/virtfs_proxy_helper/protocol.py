@@ -225,7 +225,7 @@ LAYOUTS: dict[int, tuple[type[Request], str]] = {
 }
 TYPE_OF: dict[type[Request], int] = {cls: t for t, (cls, _) in LAYOUTS.items()}
 
-# Requests answered with a descriptor (or a bare errno) instead of a frame.
+# Requests whose reply is a descriptor (or a bare errno) instead of a frame.
 FD_REPLY_TYPES = frozenset({T_OPEN, T_CREATE})
 
 TYPE_NAMES = {
@@ -354,4 +354,5 @@ _ENOBUFS = 105
 
 STAT = struct.Struct("=QQQIIIQQQQQQQQQQ")
 STATFS = struct.Struct("=QQQQQQQQQQQ")
-assert STAT.size == 116 and STATFS.size == 88
+assert STAT.size == 116
+assert STATFS.size == 88

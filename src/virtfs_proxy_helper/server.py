@@ -62,7 +62,7 @@ class Server:
         self.requests = 0
 
     def serve(self) -> bool:
-        """Answer requests until the connection ends.
+        """Serve requests until the connection ends.
 
         Return True if the peer closed it cleanly, False if it broke or the
         peer violated the protocol.
@@ -82,8 +82,8 @@ class Server:
             )
             return closed.clean
 
-    def _fill(self, wanted: int) -> None:
-        while self.filled < wanted:
+    def _fill(self, size: int) -> None:
+        while self.filled < size:
             try:
                 received = self.sock.recv_into(self.view[self.filled :])
             except OSError as err:
