@@ -72,8 +72,8 @@ def running_helper(
     try:
         yield helper
     finally:
+        ours.close()
         if process.poll() is None:
-            ours.close()
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:

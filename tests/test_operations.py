@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import HelperProcess, running_helper
 
+from harness import HelperProcess, running_helper
 from virtfs_proxy_helper import protocol as p
 from virtfs_proxy_helper.client import (
     parse_stat,
