@@ -36,6 +36,9 @@ _MASK64 = (1 << 64) - 1
 _PROBE_FLAGS = os.O_PATH | os.O_CLOEXEC
 _PROBE_KEEPS = os.O_NOFOLLOW | os.O_DIRECTORY
 
+# The bit that O_TMPFILE adds to O_DIRECTORY.
+_O_TMPFILE_ONLY = os.O_TMPFILE & ~os.O_DIRECTORY
+
 Result = int | bytes | None
 
 
@@ -50,10 +53,35 @@ def _string_payload(value: bytes) -> bytes:
     return protocol.encode_string(value)
 
 
-def _check_regular_or_directory(fd: int) -> None:
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise OSError(errno.ENXIO, "not a regular file or directory")
+def _check_type(mode: int, flags: int, creating: bool) -> None:
+    """Raise the errno for a file that OPEN or CREATE must not hand out."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        if creating:
+            raise OSError(errno.EISDIR, "is a directory")
+        return
+    if stat.S_ISLNK(mode) and not flags & os.O_PATH:
+        # Only O_NOFOLLOW stops at a symlink, and open(2) answers that with ELOOP.
+        raise OSError(errno.ELOOP, "final component is a symlink")
+    raise OSError(errno.ENXIO, "not a regular file or directory")
+
+
+def _open_then_check(path: bytes, flags: int, mode: int, creating: bool) -> int:
+    """Open non-blocking, so a FIFO cannot block, then check the type.
+
+    Unlike the probe in `Operations.open_checked`, this runs a device
+    node's open before rejecting it.
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK, mode)
+    try:
+        _check_type(os.fstat(fd).st_mode, flags, creating)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Operations:
@@ -94,52 +122,56 @@ class Operations:
 
     # Descriptors.
 
-    def open_checked(self, path: bytes, flags: int) -> int:
+    def open_checked(self, path: bytes, flags: int, creating: bool = False) -> int:
         """Open `path` with `flags` if it is a regular file or directory.
 
-        Anything else fails with ENXIO without being opened, where /proc
-        is available.
+        Anything else fails with ENXIO, and where /proc is available it is
+        never opened. With `creating`, an existing directory fails with
+        EISDIR, as open(2) with O_CREAT does.
         """
         flags |= os.O_CLOEXEC
         if self.proc_fd_dir is None:
-            return self._open_then_check(path, flags)
+            return _open_then_check(path, flags, 0, creating)
         probe = os.open(path, _PROBE_FLAGS | (flags & _PROBE_KEEPS))
         try:
-            _check_regular_or_directory(probe)
-            return os.open(b"%d" % probe, flags, dir_fd=self.proc_fd_dir)
+            _check_type(os.fstat(probe).st_mode, flags, creating)
+            # The probe already applied O_NOFOLLOW. Passed on, it would make
+            # the kernel open the /proc link itself instead of the file.
+            reopen_flags = flags & ~os.O_NOFOLLOW
+            return os.open(b"%d" % probe, reopen_flags, dir_fd=self.proc_fd_dir)
         finally:
             os.close(probe)
 
-    @staticmethod
-    def _open_then_check(path: bytes, flags: int) -> int:
-        fd = os.open(path, flags | os.O_NONBLOCK)
-        try:
-            _check_regular_or_directory(fd)
-            if not flags & os.O_NONBLOCK:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
     def open(self, request: protocol.Open) -> int:
-        flags = to_signed32(request.flags) & ~(os.O_CREAT | os.O_EXCL)
+        flags = to_signed32(request.flags)
+        if flags & (os.O_CREAT | _O_TMPFILE_ONLY):
+            # Creating needs a mode and an owner, which only CREATE carries.
+            raise OSError(errno.EINVAL, "OPEN cannot create files")
         return self.open_checked(request.path, flags)
 
     def create(self, request: protocol.Create) -> int:
         flags = to_signed32(request.flags) | os.O_CLOEXEC
         mode = request.mode & 0o7777
         with identity(_to_id(request.uid), _to_id(request.gid)):
-            if flags & os.O_CREAT:
-                # With O_EXCL the kernel creates a new regular file or fails,
-                # so nothing that already exists gets opened here.
-                try:
-                    return os.open(request.path, flags | os.O_EXCL, mode)
-                except FileExistsError:
-                    if flags & os.O_EXCL:
-                        raise
-                flags &= ~os.O_CREAT
-            return self.open_checked(request.path, flags)
+            if flags & _O_TMPFILE_ONLY:
+                # O_TMPFILE implies O_DIRECTORY, so a special file fails
+                # with ENOTDIR during lookup, before any open runs.
+                return os.open(request.path, flags, mode)
+            if not flags & os.O_CREAT:
+                return self.open_checked(request.path, flags)
+            # With O_EXCL the kernel creates a new regular file or fails,
+            # so nothing that already exists gets opened here.
+            try:
+                return os.open(request.path, flags | os.O_EXCL, mode)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+            try:
+                return self.open_checked(request.path, flags & ~os.O_CREAT, True)
+            except FileNotFoundError:
+                # The name exists but does not resolve: a dangling symlink,
+                # whose target open(2) creates when O_EXCL is not given.
+                return _open_then_check(request.path, flags, mode, True)
 
     # Creating objects as the guest's user.
 
