@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from . import libc, protocol
+from . import libc, longpaths, protocol
 from .privileges import identity
 from .protocol import to_signed32, to_signed64
 
@@ -119,6 +119,21 @@ class Operations:
             protocol.T_LREMOVEXATTR: self.lremovexattr,
             protocol.T_GETVERSION: self.getversion,
         }
+
+    def call_long(self, kind: int, request: Any) -> Result:
+        """Run a request whose paths may be longer than PATH_MAX."""
+        if kind == protocol.T_LINK or kind == protocol.T_RENAME:
+            paths = (request.oldpath, request.newpath)
+            if not any(longpaths.is_long(path) for path in paths):
+                return self.handlers[kind](request)
+            if kind == protocol.T_LINK:
+                longpaths.link(request)
+            else:
+                longpaths.rename(request)
+            return None
+        if longpaths.is_long(request.path):
+            return longpaths.call_in_parent(self.handlers[kind], request)
+        return self.handlers[kind](request)
 
     # Descriptors.
 

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 
-from . import protocol
+from . import longpaths, protocol
 from .operations import Operations, Result
 from .protocol import DecodeError
 
@@ -122,7 +122,10 @@ class Server:
 
         result: Result
         try:
-            result = self.operations.handlers[kind](request)
+            if len(payload) < longpaths.PATH_MAX:
+                result = self.operations.handlers[kind](request)
+            else:
+                result = self.operations.call_long(kind, request)
         except OSError as err:
             code = err.errno or errno.EIO
             if logger.isEnabledFor(logging.DEBUG):
