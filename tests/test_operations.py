@@ -56,8 +56,30 @@ def test_helper_runs_chrooted_root(helper: HelperProcess, export: Path) -> None:
     status = helper.status()
     assert status["Uid"].split() == ["0", "0", "0", "0"]
     assert status["Gid"].split() == ["0", "0", "0", "0"]
-    assert os.readlink(f"/proc/{helper.pid}/root") == str(export)
-    assert os.readlink(f"/proc/{helper.pid}/cwd") == str(export)
+    root = os.stat(f"/proc/{helper.pid}/root")
+    assert (root.st_dev, root.st_ino) == (export.stat().st_dev, export.stat().st_ino)
+    assert os.stat(f"/proc/{helper.pid}/cwd").st_ino == export.stat().st_ino
+
+
+def test_helper_has_own_mount_namespace(helper: HelperProcess) -> None:
+    ours = os.readlink("/proc/self/ns/mnt")
+    assert os.readlink(f"/proc/{helper.pid}/ns/mnt") != ours
+    with open(f"/proc/{helper.pid}/mountinfo") as mountinfo:
+        mounts = [line.split() for line in mountinfo]
+    # Only the export, as "/", is left in the helper's namespace.
+    assert [fields[4] for fields in mounts] == ["/"]
+    assert "nodev" in mounts[0][5].split(",")
+    assert "nosuid" in mounts[0][5].split(",")
+
+
+def test_chroot_sandbox_keeps_namespace(
+    helper_command: list[str], export: Path
+) -> None:
+    with running_helper(helper_command, export, ["--sandbox", "chroot"]) as helper:
+        assert helper.client.call(p.Lstat(b"/")).status == 0
+        assert os.readlink(f"/proc/{helper.pid}/root") == str(export)
+        ours = os.readlink("/proc/self/ns/mnt")
+        assert os.readlink(f"/proc/{helper.pid}/ns/mnt") == ours
 
 
 def test_helper_keeps_only_listed_caps(helper: HelperProcess) -> None:

@@ -14,10 +14,13 @@ from types import FrameType
 from typing import NoReturn
 
 from . import __version__, logs
+from .policy import ExportPolicy
 from .sandbox import (
     MAX_SOCKET_PATH,
+    SANDBOXES,
     SetupError,
     adopt_socket,
+    close_inherited_descriptors,
     enter_export,
     listen_and_accept,
 )
@@ -110,6 +113,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="stay in the foreground and log to stderr instead of syslog",
     )
     parser.add_argument(
+        "--sandbox",
+        choices=SANDBOXES,
+        default="namespace",
+        help="how to confine the helper to PATH: a private mount namespace "
+        "whose root is PATH, falling back to chroot where the kernel refuses "
+        "one (default), or chroot alone",
+    )
+    parser.add_argument(
+        "--readonly",
+        action="store_true",
+        help="refuse every request that would change PATH, with EROFS",
+    )
+    parser.add_argument(
+        "--nosuid",
+        action="store_true",
+        help="strip setuid and setgid bits from modes guests set, and refuse "
+        "file capabilities (security.capability)",
+    )
+    parser.add_argument(
+        "--nodev",
+        action="store_true",
+        help="refuse to create character and block device nodes, with EPERM",
+    )
+    parser.add_argument(
+        "--no-peer-check",
+        action="store_true",
+        help="with --socket, accept a client of any uid, not only --uid or root",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -184,12 +216,16 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def run(options: argparse.Namespace) -> int:
     """Connect, enter the export and serve; return the exit status."""
+    policy = ExportPolicy(options.readonly, options.nosuid, options.nodev)
     try:
         if options.socket is not None:
-            sock = listen_and_accept(options.socket, options.uid, options.gid)
+            check_peer = not options.no_peer_check
+            sock = listen_and_accept(
+                options.socket, options.uid, options.gid, check_peer
+            )
         else:
             sock = adopt_socket(options.fd)
-        operations = enter_export(options.path)
+        operations = enter_export(options.path, options.sandbox, policy)
     except SetupError as err:
         logger.error("%s; exiting", err)
         return 1
@@ -210,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         return 1
 
+    keep = set() if options.fd is None else {options.fd}
+    close_inherited_descriptors(keep)
     if not options.nodaemon:
         daemonize()
     logs.configure(options.nodaemon, getattr(logging, options.log_level.upper()))

@@ -170,3 +170,45 @@ def statfs(path: bytes) -> StatfsResult:
         buf.f_namelen,
         buf.f_frsize,
     )
+
+
+# Mount namespaces: unshare(2), mount(2), umount2(2) and pivot_root(2). Python
+# 3.11 has none of them, and glibc has no pivot_root wrapper.
+CLONE_NEWNS = 0x00020000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+_SYS_PIVOT_ROOT = 155  # x86_64
+
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
+_libc.syscall.restype = ctypes.c_long
+
+
+def unshare(flags: int) -> None:
+    """Move the calling process into new namespaces."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: bytes | None, target: bytes, flags: int) -> None:
+    """Call mount(2) with no filesystem type and no data."""
+    _check(_libc.mount(source, target, None, flags, None), "mount", target)
+
+
+def umount2(target: bytes, flags: int) -> None:
+    _check(_libc.umount2(target, flags), "umount2", target)
+
+
+def pivot_root(new_root: bytes, put_old: bytes) -> None:
+    result = _libc.syscall(_SYS_PIVOT_ROOT, new_root, put_old)
+    _check(result, "pivot_root", new_root)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import libc, longpaths, protocol
+from .policy import ExportPolicy
 from .privileges import identity
 from .protocol import to_signed32, to_signed64
 
@@ -94,7 +95,12 @@ class Operations:
     FIFO from blocking but does run a device's open.
     """
 
-    def __init__(self, proc_fd_dir: int | None, getversion_supported: bool):
+    def __init__(
+        self,
+        proc_fd_dir: int | None,
+        getversion_supported: bool,
+        policy: ExportPolicy | None = None,
+    ):
         self.proc_fd_dir = proc_fd_dir
         self.getversion_supported = getversion_supported
         self.handlers: dict[int, Callable[[Any], Result]] = {
@@ -119,6 +125,8 @@ class Operations:
             protocol.T_LREMOVEXATTR: self.lremovexattr,
             protocol.T_GETVERSION: self.getversion,
         }
+        if policy is not None:
+            policy.apply(self.handlers)
 
     def call_long(self, kind: int, request: Any) -> Result:
         """Run a request whose paths may be longer than PATH_MAX."""

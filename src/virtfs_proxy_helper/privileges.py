@@ -43,8 +43,21 @@ KEPT_CAPABILITIES = (
     CAP_SETUID,
 )
 KEPT_MASK = sum(1 << cap for cap in KEPT_CAPABILITIES)
-_SWITCHED_SETS = libc.CapabilitySets(1 << CAP_DAC_OVERRIDE, KEPT_MASK, 0)
-_ROOT_SETS = libc.CapabilitySets(KEPT_MASK, KEPT_MASK, 0)
+
+CAPABILITY_NAMES = {
+    CAP_CHOWN: "CAP_CHOWN",
+    CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE",
+    CAP_FOWNER: "CAP_FOWNER",
+    CAP_FSETID: "CAP_FSETID",
+    CAP_SETGID: "CAP_SETGID",
+    CAP_MKNOD: "CAP_MKNOD",
+    CAP_SETUID: "CAP_SETUID",
+}
+
+# The sets to hold as root and while switched to a guest's ids. They start
+# as the full kept set and shrink to what the process was given at start.
+_root_sets = libc.CapabilitySets(KEPT_MASK, KEPT_MASK, 0)
+_switched_sets = libc.CapabilitySets(1 << CAP_DAC_OVERRIDE, KEPT_MASK, 0)
 
 # Exit status when the helper cannot return to root after a request.
 EXIT_IDENTITY_LOST = 3
@@ -57,16 +70,37 @@ def limit_capabilities() -> None:
     bounding set, and an empty one means no exec could regain anything.
     QEMU's C helper also leaves it empty. The bounding set goes first,
     because dropping from it needs CAP_SETPCAP, which the capset removes.
+    A kept capability that the process does not have, as in a user
+    namespace or under a service manager's limits, is logged and left
+    out; requests that need it then fail with the kernel's errno.
     """
+    global _root_sets, _switched_sets
+    kept = KEPT_MASK & libc.capget().permitted
+    missing = [name for cap, name in CAPABILITY_NAMES.items() if not kept >> cap & 1]
+    if missing:
+        logger.warning(
+            "started without %s; requests that need them will fail",
+            ", ".join(missing),
+        )
+    _drop_bounding_set()
+    _root_sets = libc.CapabilitySets(kept, kept, 0)
+    _switched_sets = libc.CapabilitySets(kept & 1 << CAP_DAC_OVERRIDE, kept, 0)
+    libc.capset(_root_sets)
+
+
+def _drop_bounding_set() -> None:
     for cap in range(64):
         try:
             if libc.prctl(libc.PR_CAPBSET_READ, cap) == 1:
                 libc.prctl(libc.PR_CAPBSET_DROP, cap)
         except OSError as err:
-            # EINVAL means cap is past the last capability this kernel supports.
+            # EINVAL: cap is past the last capability this kernel supports.
+            # EPERM: no CAP_SETPCAP, so the bounding set stays as it is.
+            if err.errno == errno.EPERM:
+                logger.warning("cannot empty the capability bounding set: %s", err)
+                return
             if err.errno != errno.EINVAL:
                 raise
-    libc.capset(_ROOT_SETS)
 
 
 @contextmanager
@@ -83,7 +117,7 @@ def identity(uid: int, gid: int) -> Iterator[None]:
         # The gid goes first: once the uid is not 0, CAP_SETGID is gone.
         os.setresgid(-1, gid, -1)
         os.setresuid(-1, uid, -1)
-        libc.capset(_SWITCHED_SETS)
+        libc.capset(_switched_sets)
     except BaseException:
         _return_to_root()
         raise
@@ -99,7 +133,7 @@ def _return_to_root() -> None:
         # it brings CAP_SETGID back for the gid switch after it.
         os.setresuid(-1, 0, -1)
         os.setresgid(-1, 0, -1)
-        libc.capset(_ROOT_SETS)
+        libc.capset(_root_sets)
     except OSError as err:
         logger.critical(
             "failed to switch back to root after a request (%s); exiting "
