@@ -25,7 +25,6 @@ WORKLOAD = REPO_DIR / "guest" / "workload.sh"
 sys.path.insert(0, str(REPO_DIR))
 
 from guest import initramfs, vm  # noqa: E402
-
 from harness import C_HELPER, our_helper  # noqa: E402
 
 pytestmark = pytest.mark.guest
