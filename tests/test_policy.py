@@ -170,8 +170,12 @@ def test_setgid_not_kept_outside_group(helper_command: list[str], export: Path) 
     assert not st.st_mode & stat.S_ISGID
 
 
-def test_inherited_descriptors_closed(helper_command: list[str], export: Path) -> None:
-    outside = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+def test_inherited_descriptors_closed(
+    helper_command: list[str], export: Path, tmp_path: Path
+) -> None:
+    outside_dir = tmp_path / "outside"
+    outside_dir.mkdir()
+    outside = os.open(outside_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         ours, theirs = socket.socketpair()
         command = helper_command + [
@@ -187,15 +191,17 @@ def test_inherited_descriptors_closed(helper_command: list[str], export: Path) -
         theirs.close()
         client = Client(ours)
         assert client.call(p.Lstat(b"/")).status == 0
-        targets = [
-            os.readlink(f"/proc/{process.pid}/fd/{fd}")
-            for fd in os.listdir(f"/proc/{process.pid}/fd")
-        ]
+        fd_dir = f"/proc/{process.pid}/fd"
+        held = {
+            (st.st_dev, st.st_ino)
+            for st in map(os.stat, (f"{fd_dir}/{fd}" for fd in os.listdir(fd_dir)))
+        }
         ours.close()
         assert process.wait(timeout=10) == 0
     finally:
         os.close(outside)
-    assert "/" not in targets
+    outside_st = outside_dir.stat()
+    assert (outside_st.st_dev, outside_st.st_ino) not in held
 
 
 def connect_as(uid: int, gid: int, path: Path) -> bytes:
@@ -295,3 +301,27 @@ def test_runs_in_user_namespace(helper_command: list[str], export: Path) -> None
     assert "cannot drop supplementary groups" in stderr
     assert (export / "dir").is_dir()
     assert not (export / "user-dir").exists()
+
+
+def test_open_refuses_proc_magic_links(helper_command: list[str], export: Path) -> None:
+    # An export that contains a procfs mount: its magic links, such as
+    # /proc/self/root, must not be followed by OPEN.
+    proc = export / "proc"
+    proc.mkdir()
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+    try:
+        for helper in start(helper_command, export):
+            for path in (b"/proc/self/root", b"/proc/self/cwd"):
+                reply = helper.client.call(p.Open(path, os.O_RDONLY | os.O_DIRECTORY))
+                assert reply.status == -errno.ELOOP, path
+            # Another process's root: the kernel's ptrace check refuses first,
+            # because the helper holds no CAP_SYS_PTRACE.
+            flags = os.O_RDONLY | os.O_DIRECTORY
+            reply = helper.client.call(p.Open(b"/proc/1/root", flags))
+            assert reply.status == -errno.EACCES
+            # Ordinary files in that procfs still open.
+            reply = helper.client.call(p.Open(b"/proc/self/status", os.O_RDONLY))
+            assert reply.fd is not None
+            os.close(reply.fd)
+    finally:
+        subprocess.run(["umount", "-l", str(proc)], check=True)

@@ -9,7 +9,9 @@ errno on failure, like the functions in `os`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import platform
 from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -183,7 +185,10 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
-_SYS_PIVOT_ROOT = 155  # x86_64
+# Raw system call numbers, for the calls glibc 2.36 does not wrap. They
+# differ between architectures, and only x86_64's are listed.
+_SYSCALLS_KNOWN = platform.machine() == "x86_64"
+_SYS_PIVOT_ROOT = 155
 
 _libc.mount.argtypes = [
     ctypes.c_char_p,
@@ -209,6 +214,40 @@ def umount2(target: bytes, flags: int) -> None:
     _check(_libc.umount2(target, flags), "umount2", target)
 
 
+def _require_syscall_numbers(name: str) -> None:
+    if not _SYSCALLS_KNOWN:
+        raise OSError(errno.ENOSYS, f"{name}: no system call number for this CPU")
+
+
 def pivot_root(new_root: bytes, put_old: bytes) -> None:
+    _require_syscall_numbers("pivot_root")
     result = _libc.syscall(_SYS_PIVOT_ROOT, new_root, put_old)
     _check(result, "pivot_root", new_root)
+
+
+# openat2(2), Linux 5.6 and later: path resolution with limits.
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def openat2(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
+    """Open `path` relative to `dir_fd` with openat2(2)'s `resolve` limits."""
+    _require_syscall_numbers("openat2")
+    how = _OpenHow(flags, 0, resolve)
+    result = _libc.syscall(
+        _SYS_OPENAT2,
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(result, "openat2", path)

@@ -37,6 +37,8 @@ _MASK64 = (1 << 64) - 1
 _PROBE_FLAGS = os.O_PATH | os.O_CLOEXEC
 _PROBE_KEEPS = os.O_NOFOLLOW | os.O_DIRECTORY
 
+_RESOLVE_FENCE = libc.RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS
+
 # The bit that O_TMPFILE adds to O_DIRECTORY.
 _O_TMPFILE_ONLY = os.O_TMPFILE & ~os.O_DIRECTORY
 
@@ -88,6 +90,9 @@ def _open_then_check(path: bytes, flags: int, mode: int, creating: bool) -> int:
 class Operations:
     """The request handlers, with the little state they share.
 
+    `root_fd` is an O_PATH descriptor of the export's root, for openat2; it
+    is None where the kernel has no openat2.
+
     `proc_fd_dir` is a descriptor for this process's /proc/self/fd, opened
     before chroot. It reopens an O_PATH descriptor with real open flags, so
     OPEN can check a file's type before opening it. Without it (no /proc),
@@ -100,8 +105,10 @@ class Operations:
         proc_fd_dir: int | None,
         getversion_supported: bool,
         policy: ExportPolicy | None = None,
+        root_fd: int | None = None,
     ):
         self.proc_fd_dir = proc_fd_dir
+        self.root_fd = root_fd
         self.getversion_supported = getversion_supported
         self.handlers: dict[int, Callable[[Any], Result]] = {
             protocol.T_OPEN: self.open,
@@ -155,7 +162,7 @@ class Operations:
         flags |= os.O_CLOEXEC
         if self.proc_fd_dir is None:
             return _open_then_check(path, flags, 0, creating)
-        probe = os.open(path, _PROBE_FLAGS | (flags & _PROBE_KEEPS))
+        probe = self._probe(path, _PROBE_FLAGS | (flags & _PROBE_KEEPS))
         try:
             _check_type(os.fstat(probe).st_mode, flags, creating)
             # The probe already applied O_NOFOLLOW. Passed on, it would make
@@ -164,6 +171,16 @@ class Operations:
             return os.open(b"%d" % probe, reopen_flags, dir_fd=self.proc_fd_dir)
         finally:
             os.close(probe)
+
+    def _probe(self, path: bytes, flags: int) -> int:
+        # A second fence behind the namespace or chroot for the one request
+        # kind that hands a descriptor to QEMU: openat2 keeps `..` and
+        # symlinks under the export's root and refuses /proc magic links,
+        # should the export contain a procfs. Relative paths come from
+        # longpaths, already resolved under the root, and have no such check.
+        if self.root_fd is None or not path.startswith(b"/"):
+            return os.open(path, flags)
+        return libc.openat2(self.root_fd, path, flags, _RESOLVE_FENCE)
 
     def open(self, request: protocol.Open) -> int:
         flags = to_signed32(request.flags)

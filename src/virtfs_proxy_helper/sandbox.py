@@ -204,4 +204,20 @@ def enter_export(
         limit_capabilities()
     except OSError as err:
         raise _step_failed("dropping privileges", err) from err
-    return Operations(proc_fd_dir, fs_type in GETVERSION_FILESYSTEMS, policy)
+    getversion = fs_type in GETVERSION_FILESYSTEMS
+    return Operations(proc_fd_dir, getversion, policy, _open_root_for_openat2())
+
+
+def _open_root_for_openat2() -> int | None:
+    root_fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(libc.openat2(root_fd, b"/", os.O_PATH, libc.RESOLVE_IN_ROOT))
+    except OSError as err:
+        os.close(root_fd)
+        logger.warning(
+            "openat2 is not available (%s); OPEN relies on the sandbox alone",
+            err.strerror,
+        )
+        return None
+    else:
+        return root_fd
