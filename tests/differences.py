@@ -244,6 +244,19 @@ DIFFERENCES: tuple[Difference, ...] = (
         our_status=0,
         c_status=-errno.EPERM,
     ),
+    Difference(
+        name="long-paths",
+        condition="any request on a path of 4096 bytes or more, made of names "
+        "of at most 255 bytes",
+        c_behaviour="passes the path to the C library, and the kernel replies "
+        "ENAMETOOLONG",
+        our_behaviour="opens the path a chunk of components at a time and runs "
+        "the request on the last name, as a local filesystem would",
+        reason="a guest can build a tree deeper than PATH_MAX out of ordinary "
+        "names, and every file in it must stay reachable",
+        our_status=0,
+        c_status=-errno.ENAMETOOLONG,
+    ),
 )
 
 _BY_NAME = {entry.name: entry for entry in DIFFERENCES}

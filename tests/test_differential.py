@@ -1199,3 +1199,29 @@ def test_every_difference_exercised() -> None:
 def test_difference_names_unique() -> None:
     names = [entry.name for entry in DIFFERENCES]
     assert len(names) == len(set(names))
+
+
+def test_long_path_reachable(pair: HelperPair) -> None:
+    name = b"n" * 200
+    for root in (pair.c_root, pair.our_root):
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(25):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+    deep = b"/" + b"/".join([name] * 25)
+    assert len(deep) > 4096
+    request = Mkdir(0, 0, deep + b"/leaf", 0o755)
+    expect_difference(pair, request, difference("long-paths"))
+    # The host path is too long as well, so the check walks down by dir fd.
+    fd = os.open(pair.our_root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(25):
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    try:
+        assert stat.S_ISDIR(os.stat(b"leaf", dir_fd=fd).st_mode)
+    finally:
+        os.close(fd)
