@@ -13,7 +13,7 @@ import sys
 from types import FrameType
 from typing import NoReturn
 
-from . import __version__, logs
+from . import __version__, logs, seccomp
 from .policy import ExportPolicy
 from .sandbox import (
     MAX_SOCKET_PATH,
@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --socket, accept a client of any uid, not only --uid or root",
     )
     parser.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="do not limit the request loop's system calls with a seccomp "
+        "filter (for debugging)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -214,6 +220,15 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
+def _install_seccomp() -> None:
+    try:
+        seccomp.install()
+    except seccomp.SeccompUnavailable as err:
+        logger.warning("no seccomp filter: %s", err)
+    except OSError as err:
+        logger.warning("no seccomp filter: the kernel refused it (%s)", err.strerror)
+
+
 def run(options: argparse.Namespace) -> int:
     """Connect, enter the export and serve; return the exit status."""
     policy = ExportPolicy(options.readonly, options.nosuid, options.nodev)
@@ -229,6 +244,8 @@ def run(options: argparse.Namespace) -> int:
     except SetupError as err:
         logger.error("%s; exiting", err)
         return 1
+    if not options.no_seccomp:
+        _install_seccomp()
     try:
         clean = Server(sock, operations).serve()
     finally:
