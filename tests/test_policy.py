@@ -325,3 +325,66 @@ def test_open_refuses_proc_magic_links(helper_command: list[str], export: Path) 
             os.close(reply.fd)
     finally:
         subprocess.run(["umount", "-l", str(proc)], check=True)
+
+
+MAPPED = ["--map-uid", "0:100000:65536", "--map-gid", "0:200000:65536"]
+
+
+@pytest.fixture
+def mapped(helper_command: list[str], export: Path) -> Iterator[HelperProcess]:
+    yield from start(helper_command, export, *MAPPED)
+
+
+def test_mapped_ids_on_create(mapped: HelperProcess, export: Path) -> None:
+    assert status_of(mapped.client.call(p.Mkdir(1000, 1001, b"/d", 0o755))) == 0
+    reply = mapped.client.call(p.Create(b"/f", os.O_CREAT | os.O_RDWR, 0o644, 0, 0))
+    assert reply.fd is not None
+    os.close(reply.fd)
+    assert (export / "d").stat().st_uid == 101000
+    assert (export / "d").stat().st_gid == 201001
+    assert (export / "f").stat().st_uid == 100000
+    assert (export / "f").stat().st_gid == 200000
+
+
+def test_mapped_ids_on_chown(mapped: HelperProcess, export: Path) -> None:
+    assert status_of(mapped.client.call(p.Chown(b"/file", 5, p.NO_ID))) == 0
+    assert (export / "file").stat().st_uid == 100005
+    assert (export / "file").stat().st_gid == 0
+
+
+def test_mapped_ids_in_lstat(mapped: HelperProcess, export: Path) -> None:
+    os.chown(export / "file", 100042, 200007)
+    st = parse_stat(mapped.client.call(p.Lstat(b"/file")).payload)
+    assert (st.st_uid, st.st_gid) == (42, 7)
+    # The export root belongs to host root, which no range covers.
+    root = parse_stat(mapped.client.call(p.Lstat(b"/")).payload)
+    assert (root.st_uid, root.st_gid) == (65534, 65534)
+
+
+def test_unmapped_guest_id_rejected(mapped: HelperProcess, export: Path) -> None:
+    reply = mapped.client.call(p.Mkdir(70000, 0, b"/d", 0o755))
+    assert status_of(reply) == -errno.EINVAL
+    assert not (export / "d").exists()
+
+
+def test_squash_all_ids(helper_command: list[str], export: Path) -> None:
+    options = ["--squash-uid", "1234", "--squash-gid", "5678"]
+    for helper in start(helper_command, export, *options):
+        request = p.Mknod(0, 0, b"/fifo", stat.S_IFIFO | 0o600, 0)
+        assert status_of(helper.client.call(request)) == 0
+        st = parse_stat(helper.client.call(p.Lstat(b"/fifo")).payload)
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert (export / "fifo").lstat().st_uid == 1234
+    assert (export / "fifo").lstat().st_gid == 5678
+
+
+@pytest.mark.parametrize(
+    "value", ["0:100000", "a:1:2", "0:1:0", "4294967295:0:1", "0:4294967200:100"]
+)
+def test_invalid_map_rejected(
+    helper_command: list[str], export: Path, value: str
+) -> None:
+    command = helper_command + ["-n", "-f", "0", "-p", str(export), "--map-uid", value]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "invalid range" in result.stderr

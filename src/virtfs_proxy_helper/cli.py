@@ -13,8 +13,8 @@ import sys
 from types import FrameType
 from typing import NoReturn
 
-from . import __version__, logs, seccomp
-from .policy import ExportPolicy
+from . import __version__, logs, protocol, seccomp
+from .policy import ExportPolicy, IdMap, IdRange
 from .sandbox import (
     MAX_SOCKET_PATH,
     SANDBOXES,
@@ -68,6 +68,19 @@ def _group_id(value: str) -> int:
         return grp.getgrnam(value).gr_gid
     except KeyError:
         raise argparse.ArgumentTypeError(f"no such group: {value}") from None
+
+
+def _id_range(value: str) -> IdRange:
+    parts = value.split(":")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"invalid range {value!r}: expected GUEST:HOST:COUNT, three numbers"
+        )
+    guest, host, count = map(int, parts)
+    # The last id, 0xFFFFFFFF, means "unchanged" on the wire, never an owner.
+    if count == 0 or max(guest, host) + count > protocol.NO_ID:
+        raise argparse.ArgumentTypeError(f"invalid range {value!r}: out of bounds")
+    return IdRange(guest, host, count)
 
 
 def _descriptor(value: str) -> int:
@@ -135,6 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodev",
         action="store_true",
         help="refuse to create character and block device nodes, with EPERM",
+    )
+    parser.add_argument(
+        "--map-uid",
+        type=_id_range,
+        action="append",
+        default=[],
+        metavar="GUEST:HOST:COUNT",
+        help="store guest uids GUEST..GUEST+COUNT-1 as host uids from HOST; "
+        "repeatable. Guest uids outside every range are rejected (EINVAL) "
+        "unless --squash-uid is given",
+    )
+    parser.add_argument(
+        "--map-gid",
+        type=_id_range,
+        action="append",
+        default=[],
+        metavar="GUEST:HOST:COUNT",
+        help="the same for group ids",
+    )
+    parser.add_argument(
+        "--squash-uid",
+        type=_user_id,
+        metavar="UID",
+        help="store every guest uid that no --map-uid range covers as this "
+        "host uid; with no ranges, every guest uid",
+    )
+    parser.add_argument(
+        "--squash-gid",
+        type=_group_id,
+        metavar="GID",
+        help="the same for group ids",
     )
     parser.add_argument(
         "--no-peer-check",
@@ -231,7 +275,13 @@ def _install_seccomp() -> None:
 
 def run(options: argparse.Namespace) -> int:
     """Connect, enter the export and serve; return the exit status."""
-    policy = ExportPolicy(options.readonly, options.nosuid, options.nodev)
+    policy = ExportPolicy(
+        options.readonly,
+        options.nosuid,
+        options.nodev,
+        IdMap(tuple(options.map_uid), options.squash_uid),
+        IdMap(tuple(options.map_gid), options.squash_gid),
+    )
     try:
         if options.socket is not None:
             check_peer = not options.no_peer_check

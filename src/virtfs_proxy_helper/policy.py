@@ -1,4 +1,4 @@
-"""Export policy: --readonly, --nosuid and --nodev, applied to requests.
+"""Export policy: --readonly, --nosuid, --nodev and id mapping.
 
 Each option replaces the handlers of the request types it restricts with a
 checking wrapper, so an export without options pays nothing. The checks
@@ -44,6 +44,53 @@ _SETID_BITS = stat.S_ISUID | stat.S_ISGID
 _CAPABILITY_XATTR = b"security.capability"
 
 
+# What LSTAT reports for a host id that no range maps, as user namespaces
+# report an unmapped id.
+OVERFLOW_ID = 65534
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """`count` consecutive guest ids from `guest`, stored as host ids from `host`."""
+
+    guest: int
+    host: int
+    count: int
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Translation between guest and host user (or group) ids.
+
+    A guest id outside every range becomes `squash` if that is set, and is
+    rejected with EINVAL otherwise, as an unmapped id is in a user
+    namespace. Host ids outside every range read back as OVERFLOW_ID.
+    """
+
+    ranges: tuple[IdRange, ...] = ()
+    squash: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.ranges) or self.squash is not None
+
+    def to_host(self, guest_id: int) -> int:
+        if guest_id == protocol.NO_ID:
+            return guest_id
+        for r in self.ranges:
+            if r.guest <= guest_id < r.guest + r.count:
+                return r.host + guest_id - r.guest
+        if self.squash is not None:
+            return self.squash
+        raise OSError(errno.EINVAL, f"guest id {guest_id} has no mapping")
+
+    def to_guest(self, host_id: int) -> int:
+        for r in self.ranges:
+            if r.host <= host_id < r.host + r.count:
+                return r.guest + host_id - r.host
+        return OVERFLOW_ID
+
+
 @dataclass(frozen=True)
 class ExportPolicy:
     """What guests may do to the export beyond ordinary permissions."""
@@ -51,6 +98,8 @@ class ExportPolicy:
     readonly: bool = False
     nosuid: bool = False
     nodev: bool = False
+    uids: IdMap = IdMap()
+    gids: IdMap = IdMap()
 
     def apply(self, handlers: dict[int, Handler]) -> None:
         """Wrap the entries of `handlers` that this policy restricts."""
@@ -66,6 +115,11 @@ class ExportPolicy:
             handlers[protocol.T_LSETXATTR] = _without_file_caps(setxattr)
         if self.nodev:
             handlers[protocol.T_MKNOD] = _without_devices(handlers[protocol.T_MKNOD])
+        if self.uids.active or self.gids.active:
+            for kind in _ID_CARRYING_TYPES:
+                handlers[kind] = _mapping_ids(handlers[kind], self.uids, self.gids)
+            lstat = handlers[protocol.T_LSTAT]
+            handlers[protocol.T_LSTAT] = _reporting_guest_ids(lstat, self)
 
 
 def _refuse_readonly(request: Any) -> None:
@@ -107,3 +161,36 @@ def _without_devices(handler: Handler) -> Handler:
         return handler(request)
 
     return refuse_devices
+
+
+# Requests whose uid and gid fields name owners to create or set.
+_ID_CARRYING_TYPES = (
+    protocol.T_CREATE,
+    protocol.T_MKNOD,
+    protocol.T_MKDIR,
+    protocol.T_SYMLINK,
+    protocol.T_CHOWN,
+)
+
+
+def _mapping_ids(handler: Handler, uids: IdMap, gids: IdMap) -> Handler:
+    def map_ids(request: Any) -> Any:
+        uid, gid = uids.to_host(request.uid), gids.to_host(request.gid)
+        return handler(request._replace(uid=uid, gid=gid))
+
+    return map_ids
+
+
+def _reporting_guest_ids(handler: Handler, policy: ExportPolicy) -> Handler:
+    def report_guest_ids(request: protocol.Lstat) -> bytes:
+        fields = list(protocol.STAT.unpack(handler(request)))
+        fields[_ST_UID] = policy.uids.to_guest(fields[_ST_UID])
+        fields[_ST_GID] = policy.gids.to_guest(fields[_ST_GID])
+        return protocol.STAT.pack(*fields)
+
+    return report_guest_ids
+
+
+# Positions of st_uid and st_gid in protocol.STAT.
+_ST_UID = 4
+_ST_GID = 5
