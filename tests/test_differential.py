@@ -725,6 +725,17 @@ def test_main_sequence_matches_c(pair: HelperPair) -> None:
     compare_trees(pair)
 
 
+@pytest.mark.parametrize("sandbox", ["chroot", "none"])
+def test_main_sequence_other_sandboxes(
+    tmp_path: Path, c_helper_command: list[str], helper_command: list[str], sandbox: str
+) -> None:
+    ours = helper_command + ["--sandbox", sandbox]
+    with serve_pair(tmp_path, c_helper_command, ours) as other_pair:
+        for request in main_sequence():
+            compare(other_pair, request)
+        compare_trees(other_pair)
+
+
 def test_sequence_covers_every_type() -> None:
     kinds = {kind_of(request) for request in main_sequence()}
     assert kinds == set(protocol.LAYOUTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virtfs_proxy_helper.longpaths import PATH_MAX, _chunks, _split_last
+from virtfs_proxy_helper.longpaths import PATH_MAX, chunks, split_last
 
 
 @pytest.mark.parametrize(
@@ -18,17 +18,17 @@ from virtfs_proxy_helper.longpaths import PATH_MAX, _chunks, _split_last
     ],
 )
 def test_split_last_name(path: bytes, directory: bytes, name: bytes) -> None:
-    assert _split_last(path) == (directory, name)
+    assert split_last(path) == (directory, name)
 
 
 def test_chunks_stay_below_path_max() -> None:
     directory = b"/" + b"/".join([b"x" * 250] * 60)
-    chunks = list(_chunks(directory))
-    assert len(chunks) > 1
-    assert all(len(chunk) < PATH_MAX for chunk in chunks)
-    assert b"".join(chunks).rstrip(b"/") == directory
+    pieces = list(chunks(directory))
+    assert len(pieces) > 1
+    assert all(len(piece) < PATH_MAX for piece in pieces)
+    assert b"".join(pieces).rstrip(b"/") == directory
 
 
 def test_chunks_keep_root_and_dotdot() -> None:
-    assert list(_chunks(b"/a/../b")) == [b"/a/../b/"]
-    assert list(_chunks(b"a//b")) == [b"a/b/"]
+    assert list(chunks(b"/a/../b")) == [b"/a/../b/"]
+    assert list(chunks(b"a//b")) == [b"a/b/"]

@@ -35,24 +35,41 @@ UTIME_OMIT = (1 << 30) - 2
 KEPT_CAPS = "00000000080000db"  # CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD
 
 
-@pytest.fixture
-def helper(helper_command: list[str], export: Path) -> Iterator[HelperProcess]:
+def serve_sample_tree(
+    helper_command: list[str], export: Path, sandbox: str
+) -> Iterator[HelperProcess]:
     (export / "file").write_bytes(b"hello world")
     (export / "dir").mkdir()
     (export / "dir" / "inner").write_bytes(b"inner")
     os.symlink("file", export / "link")
     os.mkfifo(export / "fifo")
-    with running_helper(helper_command, export) as running:
+    extra = ["--sandbox", sandbox]
+    with running_helper(helper_command, export, extra) as running:
         # One round trip guarantees start-up (chroot, capabilities) is done.
         assert running.client.call(p.Lstat(b"/")).status == 0
         yield running
+
+
+# Every request type behaves the same whichever way the helper is confined:
+# the kernel's root (namespace, chroot) or openat2 alone (none).
+@pytest.fixture(params=["namespace", "chroot", "none"])
+def helper(
+    request: pytest.FixtureRequest, helper_command: list[str], export: Path
+) -> Iterator[HelperProcess]:
+    yield from serve_sample_tree(helper_command, export, request.param)
+
+
+@pytest.fixture
+def namespaced(helper_command: list[str], export: Path) -> Iterator[HelperProcess]:
+    yield from serve_sample_tree(helper_command, export, "namespace")
 
 
 def call_status(helper: HelperProcess, request: p.Request) -> int:
     return status_of(helper.client.call(request))
 
 
-def test_helper_runs_chrooted_root(helper: HelperProcess, export: Path) -> None:
+def test_helper_runs_chrooted_root(namespaced: HelperProcess, export: Path) -> None:
+    helper = namespaced
     status = helper.status()
     assert status["Uid"].split() == ["0", "0", "0", "0"]
     assert status["Gid"].split() == ["0", "0", "0", "0"]
@@ -61,7 +78,8 @@ def test_helper_runs_chrooted_root(helper: HelperProcess, export: Path) -> None:
     assert os.stat(f"/proc/{helper.pid}/cwd").st_ino == export.stat().st_ino
 
 
-def test_helper_has_own_mount_namespace(helper: HelperProcess) -> None:
+def test_helper_has_own_mount_namespace(namespaced: HelperProcess) -> None:
+    helper = namespaced
     ours = os.readlink("/proc/self/ns/mnt")
     assert os.readlink(f"/proc/{helper.pid}/ns/mnt") != ours
     with open(f"/proc/{helper.pid}/mountinfo") as mountinfo:

@@ -106,14 +106,19 @@ _libc.utimensat.argtypes = [
 ]
 
 
-def lutimens(path: bytes, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+def lutimens(
+    path: bytes,
+    atime: tuple[int, int],
+    mtime: tuple[int, int],
+    dir_fd: int = AT_FDCWD,
+) -> None:
     """Set a path's times without following a final symlink.
 
     Each time is (seconds, nanoseconds), where nanoseconds may be UTIME_NOW
     or UTIME_OMIT as utimensat(2) defines them.
     """
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
-    result = _libc.utimensat(AT_FDCWD, path, times, AT_SYMLINK_NOFOLLOW)
+    result = _libc.utimensat(dir_fd, path, times, AT_SYMLINK_NOFOLLOW)
     _check(result, "utimensat", path)
 
 
@@ -239,10 +244,10 @@ class _OpenHow(ctypes.Structure):
     ]
 
 
-def openat2(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
+def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
     """Open `path` relative to `dir_fd` with openat2(2)'s `resolve` limits."""
     _require_syscall_numbers("openat2")
-    how = _OpenHow(flags, 0, resolve)
+    how = _OpenHow(flags, mode, resolve)
     result = _libc.syscall(
         _SYS_OPENAT2,
         ctypes.c_int(dir_fd),

@@ -32,7 +32,7 @@ def is_long(path: bytes) -> bool:
     return len(path) >= PATH_MAX
 
 
-def _split_last(path: bytes) -> tuple[bytes, bytes]:
+def split_last(path: bytes) -> tuple[bytes, bytes]:
     """Split `path` into (directory part, last name), keeping a trailing "/"
     on the name, where it means "must be a directory" as in mkdir("a/")."""
     stripped = path.rstrip(b"/")
@@ -43,7 +43,7 @@ def _split_last(path: bytes) -> tuple[bytes, bytes]:
     return directory, name + trailing
 
 
-def _chunks(directory: bytes) -> Iterator[bytes]:
+def chunks(directory: bytes) -> Iterator[bytes]:
     """Group the components of `directory` into runs shorter than PATH_MAX."""
     chunk = b"/" if directory.startswith(b"/") else b""
     for component in directory.split(b"/"):
@@ -64,13 +64,13 @@ def parent_directory(path: bytes) -> Iterator[tuple[int | None, bytes]]:
     Yield (dir_fd, name), where dir_fd is None when the name is relative
     to the working directory (a path without any "/").
     """
-    directory, name = _split_last(path)
+    directory, name = split_last(path)
     if not directory:
         yield None, name
         return
     fd: int | None = None
     try:
-        for chunk in _chunks(directory):
+        for chunk in chunks(directory):
             next_fd = os.open(chunk, _DIRECTORY_FLAGS, dir_fd=fd)
             if fd is not None:
                 os.close(fd)

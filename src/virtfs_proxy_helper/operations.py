@@ -50,12 +50,6 @@ def _to_id(value: int) -> int:
     return -1 if value == protocol.NO_ID else value
 
 
-def _string_payload(value: bytes) -> bytes:
-    if len(value) + 2 > protocol.MAX_PAYLOAD:
-        raise OSError(errno.ENOBUFS, "reply does not fit in one frame")
-    return protocol.encode_string(value)
-
-
 def _check_type(mode: int, flags: int, creating: bool) -> None:
     """Raise the errno for a file that OPEN or CREATE must not hand out."""
     if stat.S_ISREG(mode):
@@ -85,6 +79,48 @@ def _open_then_check(path: bytes, flags: int, mode: int, creating: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def stat_payload(st: os.stat_result) -> bytes:
+    """Pack an lstat result as the 116-byte LSTAT reply payload."""
+    atime = divmod(st.st_atime_ns, 1_000_000_000)
+    mtime = divmod(st.st_mtime_ns, 1_000_000_000)
+    ctime = divmod(st.st_ctime_ns, 1_000_000_000)
+    return protocol.STAT.pack(
+        st.st_dev,
+        st.st_ino,
+        st.st_nlink,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_blksize,
+        st.st_blocks,
+        atime[0] & _MASK64,
+        atime[1],
+        mtime[0] & _MASK64,
+        mtime[1],
+        ctime[0] & _MASK64,
+        ctime[1],
+    )
+
+
+def readlink_room(bufsize_field: int) -> int:
+    """Return how many target bytes fit in the peer's READLINK buffer."""
+    # The peer's buffer has room for bufsize - 1 bytes and a NUL, as in
+    # readlink(2) with a bufsize of bufsize - 1, which rejects 0.
+    room = to_signed32(bufsize_field) - 1
+    if room <= 0:
+        raise OSError(errno.EINVAL, "readlink buffer too small")
+    return room
+
+
+def string_payload(value: bytes) -> bytes:
+    """Encode `value` as a one-string payload, or fail with ENOBUFS."""
+    if len(value) + 2 > protocol.MAX_PAYLOAD:
+        raise OSError(errno.ENOBUFS, "reply does not fit in one frame")
+    return protocol.encode_string(value)
 
 
 class Operations:
@@ -260,37 +296,11 @@ class Operations:
     # Data replies.
 
     def lstat(self, request: protocol.Lstat) -> bytes:
-        st = os.lstat(request.path)
-        atime = divmod(st.st_atime_ns, 1_000_000_000)
-        mtime = divmod(st.st_mtime_ns, 1_000_000_000)
-        ctime = divmod(st.st_ctime_ns, 1_000_000_000)
-        return protocol.STAT.pack(
-            st.st_dev,
-            st.st_ino,
-            st.st_nlink,
-            st.st_mode,
-            st.st_uid,
-            st.st_gid,
-            st.st_rdev,
-            st.st_size,
-            st.st_blksize,
-            st.st_blocks,
-            atime[0] & _MASK64,
-            atime[1],
-            mtime[0] & _MASK64,
-            mtime[1],
-            ctime[0] & _MASK64,
-            ctime[1],
-        )
+        return stat_payload(os.lstat(request.path))
 
     def readlink(self, request: protocol.Readlink) -> bytes:
-        # The peer's buffer has room for bufsize - 1 bytes and a NUL, as in
-        # readlink(2) with a bufsize of bufsize - 1, which rejects 0.
-        room = to_signed32(request.bufsize) - 1
-        if room <= 0:
-            raise OSError(errno.EINVAL, "readlink buffer too small")
-        target = os.readlink(request.path)
-        return _string_payload(target[:room])
+        room = readlink_room(request.bufsize)
+        return string_payload(os.readlink(request.path)[:room])
 
     def statfs(self, request: protocol.Statfs) -> bytes:
         fs = libc.statfs(request.path)
@@ -317,7 +327,7 @@ class Operations:
             return _U32.pack(len(value))
         if len(value) > size:
             raise OSError(errno.ERANGE, "xattr buffer too small")
-        return _string_payload(value)
+        return string_payload(value)
 
     def lgetxattr(self, request: protocol.Lgetxattr) -> bytes:
         value = os.getxattr(request.path, request.name, follow_symlinks=False)

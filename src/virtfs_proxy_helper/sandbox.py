@@ -16,7 +16,7 @@ import resource
 import socket
 import struct
 
-from . import libc
+from . import libc, unconfined
 from .operations import GETVERSION_FILESYSTEMS, Operations
 from .policy import ExportPolicy
 from .privileges import limit_capabilities
@@ -104,7 +104,7 @@ def adopt_socket(fd: int) -> socket.socket:
     return sock
 
 
-SANDBOXES = ("namespace", "chroot")
+SANDBOXES = ("namespace", "chroot", "none")
 
 
 def _open_proc_fds() -> int | None:
@@ -176,6 +176,8 @@ def enter_export(
     "chroot".
     """
     policy = policy or ExportPolicy()
+    if sandbox == "none":
+        return _stay_unconfined(path, policy)
     # Opened before the export becomes the root, which hides /proc.
     proc_fd_dir = _open_proc_fds()
     try:
@@ -221,3 +223,27 @@ def _open_root_for_openat2() -> int | None:
         return None
     else:
         return root_fd
+
+
+def _stay_unconfined(path: str, policy: ExportPolicy) -> Operations:
+    """Serve `path` without a namespace or chroot, resolving with openat2."""
+    try:
+        unconfined.check_supported()
+        root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        proc_fd_dir = os.open(
+            "/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        os.fchdir(root_fd)
+        fs_type = libc.statfs(os.fsencode(path)).f_type
+    except OSError as err:
+        raise _step_failed(
+            f"--sandbox none on {path} (needs openat2 and /proc)", err
+        ) from err
+    os.umask(0)
+    try:
+        _drop_supplementary_groups()
+        limit_capabilities()
+    except OSError as err:
+        raise _step_failed("dropping privileges", err) from err
+    getversion = fs_type in GETVERSION_FILESYSTEMS
+    return unconfined.UnconfinedOperations(proc_fd_dir, getversion, policy, root_fd)

@@ -93,10 +93,15 @@ SYSCALL_NUMBERS = {
     "request_key": 249,
     "keyctl": 250,
     "openat": 257,
+    "mkdirat": 258,
     "mknodat": 259,
+    "fchownat": 260,
     "newfstatat": 262,
+    "unlinkat": 263,
     "renameat": 264,
     "linkat": 265,
+    "symlinkat": 266,
+    "readlinkat": 267,
     "unshare": 272,
     "utimensat": 280,
     "name_to_handle_at": 303,
@@ -168,6 +173,13 @@ REQUEST_LOOP_SYSCALLS: tuple[str, ...] = (
     # then returns to the root.
     "fchdir",
     "chdir",
+    # unconfined.py (--sandbox none): the *at forms of the handlers' calls,
+    # relative to directories opened with openat2.
+    "mkdirat",
+    "unlinkat",
+    "symlinkat",
+    "readlinkat",
+    "fchownat",
     # Switching to the guest's uid and gid for CREATE, MKNOD, MKDIR and
     # SYMLINK, and back. capget is not listed because nothing calls it
     # after start-up.
