@@ -32,7 +32,7 @@ PROG = "virtfs-proxy-helper"
 
 DESCRIPTION = """\
 Serve a directory to QEMU's 9p "proxy" filesystem driver. The helper runs
-as root, chroots into PATH, keeps only the capabilities that file
+as root, confines itself to PATH, keeps only the capabilities that file
 operations need, and serves QEMU's requests over a unix socket. Give
 either --fd (a socket QEMU already holds the other end of) or --socket
 with --uid and --gid (a named socket QEMU connects to)."""
@@ -91,6 +91,22 @@ def _descriptor(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=DESCRIPTION)
+    _add_c_helper_options(parser.add_argument_group("options of QEMU's C helper"))
+    _add_sandbox_options(parser.add_argument_group("confinement and export policy"))
+    _add_id_options(parser.add_argument_group("guest id mapping"))
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="lowest severity to log; debug traces every request (default: info)",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    return parser
+
+
+def _add_c_helper_options(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("-p", "--path", help="directory to export (required)")
     parser.add_argument(
         "-f",
@@ -125,18 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stay in the foreground and log to stderr instead of syslog",
     )
+
+
+def _add_sandbox_options(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--sandbox",
         choices=SANDBOXES,
         default="namespace",
-        help="how to confine the helper to PATH: a private mount namespace "
-        "whose root is PATH, falling back to chroot where the kernel refuses "
-        "one (default), or chroot alone",
+        help="how to confine the helper to PATH: namespace (default) makes "
+        "PATH the root of a private mount namespace, falling back to chroot "
+        "where the kernel does not allow one; chroot does what QEMU's C helper "
+        "does; none resolves every path with openat2 instead (Linux 5.6+)",
     )
     parser.add_argument(
         "--readonly",
         action="store_true",
-        help="refuse every request that would change PATH, with EROFS",
+        help="reject every request that would change PATH, with EROFS",
     )
     parser.add_argument(
         "--nosuid",
@@ -147,8 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nodev",
         action="store_true",
-        help="refuse to create character and block device nodes, with EPERM",
+        help="reject requests to create character and block device nodes, with EPERM",
     )
+
+    parser.add_argument(
+        "--no-peer-check",
+        action="store_true",
+        help="with --socket, accept a client of any uid, not only --uid or root",
+    )
+    parser.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="do not limit the request loop's system calls with a seccomp "
+        "filter (for debugging)",
+    )
+
+
+def _add_id_options(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--map-uid",
         type=_id_range,
@@ -180,27 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GID",
         help="the same for group ids",
     )
-    parser.add_argument(
-        "--no-peer-check",
-        action="store_true",
-        help="with --socket, accept a client of any uid, not only --uid or root",
-    )
-    parser.add_argument(
-        "--no-seccomp",
-        action="store_true",
-        help="do not limit the request loop's system calls with a seccomp "
-        "filter (for debugging)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="least severe messages to log; debug traces every request (default: info)",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
-    )
-    return parser
 
 
 def check_options(options: argparse.Namespace) -> None:
@@ -270,7 +284,7 @@ def _install_seccomp() -> None:
     except seccomp.SeccompUnavailable as err:
         logger.warning("no seccomp filter: %s", err)
     except OSError as err:
-        logger.warning("no seccomp filter: the kernel refused it (%s)", err.strerror)
+        logger.warning("no seccomp filter: the kernel rejected it (%s)", err.strerror)
 
 
 def run(options: argparse.Namespace) -> int:

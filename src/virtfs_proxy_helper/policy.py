@@ -44,7 +44,7 @@ _SETID_BITS = stat.S_ISUID | stat.S_ISGID
 _CAPABILITY_XATTR = b"security.capability"
 
 
-# What LSTAT reports for a host id that no range maps, as user namespaces
+# The id LSTAT reports for a host id that no range maps, as user namespaces
 # report an unmapped id.
 OVERFLOW_ID = 65534
 
@@ -93,7 +93,7 @@ class IdMap:
 
 @dataclass(frozen=True)
 class ExportPolicy:
-    """What guests may do to the export beyond ordinary permissions."""
+    """The limits on guest requests beyond ordinary permissions."""
 
     readonly: bool = False
     nosuid: bool = False
@@ -105,7 +105,7 @@ class ExportPolicy:
         """Wrap the entries of `handlers` that this policy restricts."""
         if self.readonly:
             for kind in MUTATING_TYPES:
-                handlers[kind] = _refuse_readonly
+                handlers[kind] = _reject_readonly
             handlers[protocol.T_OPEN] = _readonly_open(handlers[protocol.T_OPEN])
         if self.nosuid:
             for kind in (protocol.T_CREATE, protocol.T_MKDIR, protocol.T_MKNOD):
@@ -122,7 +122,7 @@ class ExportPolicy:
             handlers[protocol.T_LSTAT] = _reporting_guest_ids(lstat, self)
 
 
-def _refuse_readonly(request: Any) -> None:
+def _reject_readonly(request: Any) -> None:
     raise OSError(errno.EROFS, "export is read-only")
 
 
@@ -146,21 +146,21 @@ def _without_setid(handler: Handler) -> Handler:
 
 
 def _without_file_caps(handler: Handler) -> Handler:
-    def refuse_file_caps(request: protocol.Lsetxattr) -> Any:
+    def reject_file_caps(request: protocol.Lsetxattr) -> Any:
         if request.name == _CAPABILITY_XATTR:
-            raise OSError(errno.EPERM, "file capabilities refused under --nosuid")
+            raise OSError(errno.EPERM, "file capabilities are rejected under --nosuid")
         return handler(request)
 
-    return refuse_file_caps
+    return reject_file_caps
 
 
 def _without_devices(handler: Handler) -> Handler:
-    def refuse_devices(request: protocol.Mknod) -> Any:
+    def reject_devices(request: protocol.Mknod) -> Any:
         if stat.S_ISCHR(request.mode) or stat.S_ISBLK(request.mode):
-            raise OSError(errno.EPERM, "device nodes refused under --nodev")
+            raise OSError(errno.EPERM, "device nodes are rejected under --nodev")
         return handler(request)
 
-    return refuse_devices
+    return reject_devices
 
 
 # Requests whose uid and gid fields name owners to create or set.

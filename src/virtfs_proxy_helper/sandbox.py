@@ -152,7 +152,7 @@ def _drop_supplementary_groups() -> None:
     try:
         os.setgroups([])
     except PermissionError as err:
-        # A user namespace whose setgroups file says "deny" forbids it.
+        # A user namespace whose /proc/PID/setgroups contains "deny" forbids it.
         logger.warning("cannot drop supplementary groups: %s", err.strerror)
 
 

@@ -177,15 +177,15 @@ class UnconfinedOperations(Operations):
             )
 
     def rename(self, request: protocol.Rename) -> None:
-        _refuse_root(request.oldpath)
-        _refuse_root(request.newpath)
+        _reject_root(request.oldpath)
+        _reject_root(request.newpath)
         with ExitStack() as stack:
             old_dir, old_name = stack.enter_context(self._parent(request.oldpath))
             new_dir, new_name = stack.enter_context(self._parent(request.newpath))
             os.rename(old_name, new_name, src_dir_fd=old_dir, dst_dir_fd=new_dir)
 
     def remove(self, request: protocol.Remove) -> None:
-        _refuse_root(request.path)
+        _reject_root(request.path)
         with self._parent(request.path) as (parent, name):
             try:
                 os.unlink(name, dir_fd=parent)
@@ -255,7 +255,7 @@ class UnconfinedOperations(Operations):
             os.fchdir(self.export_fd)
 
 
-def _refuse_root(path: bytes) -> None:
+def _reject_root(path: bytes) -> None:
     # The export root is a mount point or process root in the other modes,
     # which the kernel refuses to remove or rename with EBUSY.
     if path and not path.strip(b"/"):
