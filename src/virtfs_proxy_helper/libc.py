@@ -160,10 +160,24 @@ class StatfsResult(NamedTuple):
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
 
 
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
+
+
 def statfs(path: bytes) -> StatfsResult:
     """Call statfs(2) on `path`, which follows symlinks."""
     buf = _Statfs()
     _check(_libc.statfs(path, ctypes.byref(buf)), "statfs", path)
+    return _statfs_result(buf)
+
+
+def fstatfs(fd: int) -> StatfsResult:
+    """Call fstatfs(2), which also accepts an O_PATH descriptor."""
+    buf = _Statfs()
+    _check(_libc.fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    return _statfs_result(buf)
+
+
+def _statfs_result(buf: _Statfs) -> StatfsResult:
     return StatfsResult(
         buf.f_type,
         buf.f_bsize,
@@ -232,6 +246,7 @@ def pivot_root(new_root: bytes, put_old: bytes) -> None:
 
 # openat2(2), Linux 5.6 and later: path resolution with limits.
 _SYS_OPENAT2 = 437
+_OPENAT2_TRIES = 256
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 
@@ -248,11 +263,19 @@ def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -
     """Open `path` relative to `dir_fd` with openat2(2)'s `resolve` limits."""
     _require_syscall_numbers("openat2")
     how = _OpenHow(flags, mode, resolve)
-    result = _libc.syscall(
-        _SYS_OPENAT2,
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(path),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
+    # With RESOLVE_IN_ROOT the kernel fails a lookup that crossed ".." with
+    # EAGAIN when any rename ran on the host meanwhile, because it cannot
+    # tell whether the rename moved the path outside the root. A retry
+    # resolves afresh. The bound only keeps a rename storm from looping
+    # forever; EAGAIN then reaches the peer.
+    for _ in range(_OPENAT2_TRIES):
+        result = _libc.syscall(
+            _SYS_OPENAT2,
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if result >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
     return _check(result, "openat2", path)

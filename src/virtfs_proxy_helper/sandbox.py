@@ -172,18 +172,20 @@ def enter_export(
     """Confine the process to `path`, drop privileges, return the handlers.
 
     `sandbox` is "namespace" (a private mount namespace whose root is the
-    export, falling back to chroot where the kernel refuses one) or
-    "chroot".
+    export, falling back to chroot where the kernel refuses one), "chroot"
+    or "none".
     """
     policy = policy or ExportPolicy()
     if sandbox == "none":
         return _stay_unconfined(path, policy)
     # Opened before the export becomes the root, which hides /proc.
     proc_fd_dir = _open_proc_fds()
+    in_namespace = False
     try:
         if sandbox == "namespace":
             try:
                 _pivot_into(path, policy.readonly)
+                in_namespace = True
             except OSError as err:
                 logger.warning(
                     "cannot set up a mount namespace (%s); falling back to chroot",
@@ -207,7 +209,22 @@ def enter_export(
     except OSError as err:
         raise _step_failed("dropping privileges", err) from err
     getversion = fs_type in GETVERSION_FILESYSTEMS
-    return Operations(proc_fd_dir, getversion, policy, _open_root_for_openat2())
+    root_fd = _open_root_for_openat2()
+    if in_namespace:
+        # The export is a bind mount there, and the kernel stops ".." at a
+        # bind mount's root even for a directory moved out of it.
+        return Operations(proc_fd_dir, getversion, policy, root_fd)
+    if root_fd is None or proc_fd_dir is None:
+        logger.warning(
+            "chroot without openat2 or /proc: a host user who can move "
+            "directories out of the export can make lookups escape it"
+        )
+        return Operations(proc_fd_dir, getversion, policy, root_fd)
+    # In a chroot, a directory moved out of the export mid-lookup lets ".."
+    # climb past the root, so every path goes through openat2.
+    return unconfined.UnconfinedOperations(
+        proc_fd_dir, getversion, policy, root_fd, kernel_root=True
+    )
 
 
 def _open_root_for_openat2() -> int | None:

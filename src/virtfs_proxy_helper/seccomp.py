@@ -58,6 +58,7 @@ SYSCALL_NUMBERS = {
     "execve": 59,
     "fcntl": 72,
     "truncate": 76,
+    "ftruncate": 77,
     "chdir": 80,
     "fchdir": 81,
     "rename": 82,
@@ -75,6 +76,7 @@ SYSCALL_NUMBERS = {
     "mknod": 133,
     "personality": 135,
     "statfs": 137,
+    "fstatfs": 138,
     "pivot_root": 155,
     "chroot": 161,
     "mount": 165,
@@ -102,6 +104,7 @@ SYSCALL_NUMBERS = {
     "linkat": 265,
     "symlinkat": 266,
     "readlinkat": 267,
+    "fchmodat": 268,
     "unshare": 272,
     "utimensat": 280,
     "name_to_handle_at": 303,
@@ -173,8 +176,12 @@ REQUEST_LOOP_SYSCALLS: tuple[str, ...] = (
     # then returns to the root.
     "fchdir",
     "chdir",
-    # unconfined.py (--sandbox none): the *at forms of the handlers' calls,
-    # relative to directories opened with openat2.
+    # unconfined.py (--sandbox none and chroot): the *at forms of the
+    # handlers' calls, relative to directories opened with openat2, and the
+    # calls on descriptors that openat2 returned.
+    "fstatfs",
+    "ftruncate",
+    "fchmodat",
     "mkdirat",
     "unlinkat",
     "symlinkat",

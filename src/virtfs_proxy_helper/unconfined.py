@@ -9,8 +9,15 @@ RESOLVE_NO_MAGICLINKS. Requests that act on a final symlink itself
 (LSTAT, CHOWN, REMOVE, the xattr calls...) open the parent directory that
 way and call the *at variant on the last name, which is never "/", "." or
 "..". Requests that follow a final symlink (CHMOD, TRUNCATE, STATFS) open
-the object itself that way and act on it through its /proc/self/fd link,
-so nothing can swap the path between the check and the call.
+the object itself that way and act on that descriptor, directly or
+through its /proc/self/fd link, so nothing can swap the path between the
+check and the call.
+
+The same handlers serve --sandbox chroot, inside the chroot. There they
+close a hole that chroot alone leaves: if a host process moves a directory
+out of the export while a lookup walks "..", a plain lookup climbs past
+the chroot, but openat2 notices the rename and fails with EAGAIN, which
+libc.openat2 retries.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TypeVar
@@ -55,9 +63,16 @@ class UnconfinedOperations(Operations):
         getversion_supported: bool,
         policy: ExportPolicy | None,
         root_fd: int,
+        kernel_root: bool = False,
     ):
         super().__init__(proc_fd_dir, getversion_supported, policy, root_fd)
         self.export_fd = root_fd
+        # Inside a chroot, the kernel's own resolution handles paths too long
+        # for openat2 correctly, while chunks resolved under RESOLVE_IN_ROOT
+        # would stop absolute symlinks and ".." at each chunk's directory.
+        self.plain: Operations | None = None
+        if kernel_root:
+            self.plain = Operations(proc_fd_dir, getversion_supported, policy, root_fd)
 
     # Resolution.
 
@@ -87,8 +102,10 @@ class UnconfinedOperations(Operations):
     def _openat2(self, path: bytes, flags: int, mode: int = 0) -> int:
         if not longpaths.is_long(path):
             return libc.openat2(self.export_fd, path, flags, _FENCE, mode)
-        # Too long for one call: the last name resolves from its directory,
-        # so `..` and absolute symlinks in it stop at that directory.
+        # NOTE: too long for one call, so each chunk and the last name resolve
+        # under the directory before them: ".." and absolute symlinks stop
+        # there instead of at the export's root. That is safe but differs
+        # from a local filesystem.
         with self._parent(path) as (parent, name):
             return libc.openat2(parent, name, flags, _FENCE, mode)
 
@@ -96,15 +113,20 @@ class UnconfinedOperations(Operations):
         return self._openat2(path, flags)
 
     @contextmanager
-    def _object(self, path: bytes) -> Iterator[bytes]:
-        """Yield a /proc path that names the object `path` resolves to."""
+    def _object(self, path: bytes) -> Iterator[int]:
+        """Yield an O_PATH descriptor of the object `path` resolves to."""
         fd = self._openat2(path, _OBJECT)
         try:
-            yield b"/proc/self/fd/%d" % fd
+            yield fd
         finally:
             os.close(fd)
 
     def call_long(self, kind: int, request: object) -> Result:
+        if self.plain is not None:
+            # NOTE: this leaves paths over PATH_MAX in a chroot to the kernel's
+            # lookup, which a host process moving directories out of the
+            # export mid-lookup can lead past the root.
+            return self.plain.call_long(kind, request)
         # Every handler here resolves long paths itself.
         return self.handlers[kind](request)
 
@@ -215,16 +237,29 @@ class UnconfinedOperations(Operations):
     # Requests that follow a final symlink act on the resolved object.
 
     def chmod(self, request: protocol.Chmod) -> None:
-        with self._object(request.path) as target:
-            os.chmod(target, request.mode & 0o7777)
+        # chmod through the /proc link changes the object the link names.
+        with self._object(request.path) as fd:
+            os.chmod(b"%d" % fd, request.mode & 0o7777, dir_fd=self.proc_fd_dir)
 
     def truncate(self, request: protocol.Truncate) -> None:
-        with self._object(request.path) as target:
-            os.truncate(target, to_signed64(request.length))
+        with self._object(request.path) as fd:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise OSError(errno.EISDIR, "is a directory")
+            if not stat.S_ISREG(mode):
+                # What truncate(2) says of FIFOs and devices, and opening
+                # them for writing could block or run a driver.
+                raise OSError(errno.EINVAL, "not a regular file")
+            flags = os.O_WRONLY | os.O_CLOEXEC
+            writable = os.open(b"%d" % fd, flags, dir_fd=self.proc_fd_dir)
+        try:
+            os.ftruncate(writable, to_signed64(request.length))
+        finally:
+            os.close(writable)
 
     def statfs(self, request: protocol.Statfs) -> bytes:
-        with self._object(request.path) as target:
-            fs = libc.statfs(target)
+        with self._object(request.path) as fd:
+            fs = libc.fstatfs(fd)
         return protocol.STATFS.pack(*(field & _MASK64 for field in fs))
 
     # The xattr calls have no *at form, so they run from inside the parent.
@@ -263,11 +298,9 @@ def _reject_root(path: bytes) -> None:
 
 
 def check_supported() -> None:
-    """Raise OSError unless this kernel has openat2 and /proc for none mode."""
+    """Raise OSError unless this kernel has openat2."""
     probe = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.close(libc.openat2(probe, b"/", os.O_PATH, libc.RESOLVE_IN_ROOT))
     finally:
         os.close(probe)
-    if not os.path.isdir("/proc/self/fd"):
-        raise OSError(errno.ENOENT, "/proc is not mounted")
