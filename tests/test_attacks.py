@@ -980,7 +980,8 @@ RACE_CASES = [
         op,
         sandbox,
         marks=(
-            pytest.mark.xfail(strict=True, reason=MOVED_OUT_GAP)
+            # Not strict: the race may not come off within RACE_SECONDS.
+            pytest.mark.xfail(strict=False, reason=MOVED_OUT_GAP)
             if (op, sandbox) == ("open-long", "chroot")
             else ()
         ),
@@ -1007,7 +1008,10 @@ def test_dir_moved_out_mid_request(
     # No decoy here: inside the export the path names nothing, so any
     # success means the lookup left the export.
     escaped: list[Reply] = []
-    frames = p.encode_request(request) * RACE_PIPELINE
+    # The helper refuses to send a descriptor while an earlier reply is
+    # unread, which would hide an escaped OPEN, so OPENs go one at a time.
+    pipeline = 1 if isinstance(request, p.Open) else RACE_PIPELINE
+    frames = p.encode_request(request) * pipeline
     with attack(helper_command, export, host, sandbox) as session:
         client = session.helper.client
         flipper = RenameLoop(export / "a", tmp_path / "moved" / "a")
@@ -1016,7 +1020,7 @@ def test_dir_moved_out_mid_request(
             deadline = time.monotonic() + RACE_SECONDS
             while not escaped and time.monotonic() < deadline:
                 client.send_raw(frames)
-                for _ in range(RACE_PIPELINE):
+                for _ in range(pipeline):
                     if isinstance(request, p.Open):
                         reply = client.read_fd_reply()
                     else:
@@ -1070,7 +1074,9 @@ def test_host_renames_no_eagain(
                     reply = client.read_fd_reply()
                     if reply.fd is not None:
                         os.close(reply.fd)
-                    if reply.status != 0:
+                    # ETOOMANYREFS is the refusal of a descriptor while
+                    # earlier replies are unread, not a failed lookup.
+                    if reply.status not in (0, -errno.ETOOMANYREFS):
                         failed.append(reply.status)
         finally:
             renamer.stop()
@@ -1478,7 +1484,11 @@ FLOOD_STATUSES = {
 def flood_reply_correct(label: str, reply: Reply, file_ino: int) -> bool:
     """Return whether `reply` is the correct reply to the request `label`."""
     if label == "OPEN file":
-        return reply.fd is not None and os.fstat(reply.fd).st_ino == file_ino
+        # Pipelined, an OPEN gets ETOOMANYREFS while earlier replies are
+        # unread, so that no peer can hoard descriptors in flight.
+        if reply.fd is None:
+            return reply.status == -errno.ETOOMANYREFS
+        return os.fstat(reply.fd).st_ino == file_ino
     if label == "LSTAT file":
         return reply.status == 0 and parse_stat(reply.payload).st_ino == file_ino
     if label == "LSTAT dir":

@@ -174,14 +174,8 @@ class Operations:
     def call_long(self, kind: int, request: Any) -> Result:
         """Run a request whose paths may be longer than PATH_MAX."""
         if kind == protocol.T_LINK or kind == protocol.T_RENAME:
-            paths = (request.oldpath, request.newpath)
-            if not any(longpaths.is_long(path) for path in paths):
-                return self.handlers[kind](request)
-            if kind == protocol.T_LINK:
-                longpaths.link(request)
-            else:
-                longpaths.rename(request)
-            return None
+            # Their handlers resolve long paths themselves, behind any policy.
+            return self.handlers[kind](request)
         if longpaths.is_long(request.path):
             return longpaths.call_in_parent(self.handlers[kind], request)
         return self.handlers[kind](request)
@@ -272,10 +266,16 @@ class Operations:
     # Plain path operations.
 
     def link(self, request: protocol.Link) -> None:
+        if longpaths.is_long(request.oldpath) or longpaths.is_long(request.newpath):
+            longpaths.link(request)
+            return
         # link(2) does not follow a final symlink, and neither does this.
         os.link(request.oldpath, request.newpath, follow_symlinks=False)
 
     def rename(self, request: protocol.Rename) -> None:
+        if longpaths.is_long(request.oldpath) or longpaths.is_long(request.newpath):
+            longpaths.rename(request)
+            return
         os.rename(request.oldpath, request.newpath)
 
     def remove(self, request: protocol.Remove) -> None:

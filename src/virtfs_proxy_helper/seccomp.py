@@ -33,6 +33,7 @@ from collections.abc import Iterable
 
 from . import libc
 from .operations import FS_IOC_GETVERSION
+from .server import SIOCOUTQ
 
 # x86_64 numbers from the kernel's arch/x86/entry/syscalls/syscall_64.tbl,
 # for the calls that this module names and nothing else.
@@ -265,8 +266,9 @@ KILLED_SYSCALLS: tuple[str, ...] = (
     "io_uring_register",
 )
 
-# ioctl requests that may pass: GETVERSION runs on files that OPEN checked.
-ALLOWED_IOCTLS: tuple[int, ...] = (FS_IOC_GETVERSION,)
+# ioctl requests that may pass: GETVERSION runs on files that OPEN checked,
+# and SIOCOUTQ tells whether QEMU has read every earlier reply.
+ALLOWED_IOCTLS: tuple[int, ...] = (FS_IOC_GETVERSION, SIOCOUTQ)
 
 # Return values of a filter, from linux/seccomp.h.
 SECCOMP_RET_KILL_PROCESS = 0x80000000

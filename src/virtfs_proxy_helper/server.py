@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import logging
 import os
 import socket
+import sys
+import termios
 
 from . import longpaths, protocol
 from .operations import Operations, Result
@@ -36,6 +39,9 @@ logger = logging.getLogger(__name__)
 MAX_LOGGED_MALFORMED = 10
 
 _BUFFER_SIZE = protocol.HEADER_SIZE + protocol.MAX_PAYLOAD
+
+# SIOCOUTQ: bytes the peer has not yet read from a socket's send queue.
+SIOCOUTQ = termios.TIOCOUTQ
 
 
 class PeerClosed(Exception):
@@ -170,11 +176,41 @@ class Server:
             raise PeerClosed(f"send failed: {err.strerror}") from err
 
     def _send_fd(self, fd: int) -> None:
+        try:
+            code = self._fd_refused()
+            if code == 0:
+                code = self._sendmsg_fd(fd)
+        finally:
+            os.close(fd)
+        if code:
+            self._send(protocol.encode_fd_status(-code))
+
+    def _fd_refused(self) -> int:
+        """Return ETOOMANYREFS if the peer has not read an earlier reply.
+
+        Descriptors in flight count against the sending user, root, which
+        every helper on the host shares, up to the sender's RLIMIT_NOFILE.
+        QEMU reads each reply before its next request, so a queue that is
+        not empty means a peer that pipelines OPENs to hoard descriptors,
+        which would make sendmsg fail for all helpers. It gets an errno
+        instead, so it holds at most one descriptor in flight.
+        """
+        queued = fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, bytes(4))
+        if int.from_bytes(queued, sys.byteorder) == 0:
+            return 0
+        logger.debug("peer has unread replies; not sending a descriptor")
+        return errno.ETOOMANYREFS
+
+    def _sendmsg_fd(self, fd: int) -> int:
         data = protocol.encode_fd_status(protocol.FD_VALID)
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
         try:
             self.sock.sendmsg([data], rights)
-        except OSError as err:
+        except (BrokenPipeError, ConnectionResetError) as err:
             raise PeerClosed(f"sending a descriptor failed: {err.strerror}") from err
-        finally:
-            os.close(fd)
+        except OSError as err:
+            # A failed sendmsg queues nothing, so an errno reply keeps the
+            # stream in step. ETOOMANYREFS is the usual cause.
+            logger.warning("sending a descriptor failed: %s; replying with it", err)
+            return err.errno or errno.EIO
+        return 0
