@@ -3,7 +3,9 @@
 
 The host runs the helper as root and QEMU as uid/gid 65534, as in production. The
 guest is the host's Debian kernel with a busybox initramfs whose /init mounts the
-share at /mnt, runs a workload script there and powers off.
+share at /mnt, runs a workload script there and powers off. Mode "local" serves the
+share from QEMU itself (-fsdev local, security_model=passthrough) without a helper,
+as a baseline. QEMU then runs as root, because passthrough sets owners itself.
 
     python3 guest/vm.py --helper /usr/lib/qemu/virtfs-proxy-helper --mode socket \\
         --export /tmp/share --workload guest/workload.sh
@@ -48,7 +50,7 @@ QEMU_UID = 65534
 QEMU_GID = 65534
 KEY_VALUE_RE = re.compile(r"^([a-z0-9_]+)=(.*)$", re.MULTILINE)
 
-Mode = Literal["socket", "fd"]
+Mode = Literal["socket", "fd", "local"]
 
 
 class GuestError(RuntimeError):
@@ -82,7 +84,8 @@ class GuestResult:
     status: int
     """Exit status of the workload script."""
     helper_returncode: int
-    """Negative when the harness had to kill the helper, as with subprocess."""
+    """Negative when the harness had to kill the helper, as with subprocess. Always 0
+    in local mode, which has no helper."""
     helper_stderr: str
     """The helper's log (stderr in --nodaemon mode), with its stdout merged in."""
     qemu_returncode: int
@@ -186,15 +189,20 @@ def _wait_for_socket(
         raise GuestError(f"{path} is not a socket")
 
 
-def qemu_command(run_dir: Path, fsdev: str, msize: int) -> list[str]:
-    """Return the QEMU command line, run as uid/gid 65534 through setpriv."""
+def qemu_command(
+    run_dir: Path, fsdev: str, msize: int, unprivileged: bool = True
+) -> list[str]:
+    """Return the QEMU command line, run as uid/gid 65534 through setpriv unless
+    unprivileged is false."""
     append = (
         "console=ttyS0 quiet panic=-1 tsc=reliable no_timer_check "
         f"8250.nr_uarts=1 vm_msize={msize}"
     )
-    return [
+    setpriv = [
         "setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_GID}", "--clear-groups",
         "--",
+    ]  # fmt: skip
+    return (setpriv if unprivileged else []) + [
         QEMU, "-accel", "tcg", "-m", "512", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-no-reboot",
@@ -289,7 +297,8 @@ def run_guest(
 
     helper is the helper command without its options, for example
     ["/usr/lib/qemu/virtfs-proxy-helper"]. mode "socket" lets the helper listen on a
-    Unix socket, and mode "fd" hands it one end of a socketpair. workload is a shell
+    Unix socket, and mode "fd" hands it one end of a socketpair. Mode "local" ignores
+    helper and has QEMU, as root, serve export itself. workload is a shell
     script path or its bytes. After QEMU exits, the helper gets helper_exit_timeout
     seconds to exit by itself before it is terminated. echo, if given, receives the
     serial console as it arrives. Raises GuestTimeout after `timeout` seconds and
@@ -297,8 +306,8 @@ def run_guest(
     """
     if os.geteuid() != 0:
         raise GuestError("run_guest needs root: the helper must run as root")
-    if mode not in ("socket", "fd"):
-        raise ValueError(f"invalid mode {mode!r}: expected 'socket' or 'fd'")
+    if mode not in ("socket", "fd", "local"):
+        raise ValueError(f"invalid mode {mode!r}: expected 'socket', 'fd' or 'local'")
     export = Path(export).resolve()
     if not export.is_dir():
         raise GuestError(f"export dir not found: {export}")
@@ -309,10 +318,24 @@ def run_guest(
     try:
         start = time.monotonic()
         deadline = start + timeout
+        if mode == "local":
+            # QEMU's option syntax escapes a comma in a value by doubling it.
+            path = str(export).replace(",", ",,")
+            fsdev = f"local,id=fs0,path={path},security_model=passthrough"
+            return _run_qemu(
+                None, fsdev, run_dir, msize, start, deadline, echo, helper_exit_timeout
+            )
         helper_run = _start_helper(helper, mode, export, run_dir, deadline)
         try:
             return _run_qemu(
-                helper_run, run_dir, msize, start, deadline, echo, helper_exit_timeout
+                helper_run,
+                helper_run.fsdev,
+                run_dir,
+                msize,
+                start,
+                deadline,
+                echo,
+                helper_exit_timeout,
             )
         finally:
             helper_run.stop()
@@ -321,7 +344,8 @@ def run_guest(
 
 
 def _run_qemu(
-    helper: _Helper,
+    helper: _Helper | None,
+    fsdev: str,
     run_dir: Path,
     msize: int,
     start: float,
@@ -329,10 +353,12 @@ def _run_qemu(
     echo: IO[str] | None,
     helper_exit_timeout: float,
 ) -> GuestResult:
-    """Run QEMU against a started helper until it exits, and collect the result."""
-    qemu_fds = () if helper.qemu_socket is None else (helper.qemu_socket.fileno(),)
+    """Run QEMU against a started helper, or None in local mode, until it exits,
+    and collect the result."""
+    qemu_socket = None if helper is None else helper.qemu_socket
+    qemu_fds = () if qemu_socket is None else (qemu_socket.fileno(),)
     qemu = subprocess.Popen(
-        qemu_command(run_dir, helper.fsdev, msize),
+        qemu_command(run_dir, fsdev, msize, unprivileged=helper is not None),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -340,36 +366,41 @@ def _run_qemu(
     )
     try:
         # Close the parent's copy so that the helper reads EOF when QEMU exits.
-        if helper.qemu_socket is not None:
-            helper.qemu_socket.close()
+        if qemu_socket is not None:
+            qemu_socket.close()
         console_log = _start_reader(qemu.stdout, echo)
         qemu_log = _start_reader(qemu.stderr)
         try:
             qemu.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _stop(qemu)
-            helper.stop()
+            if helper is not None:
+                helper.stop()
             raise GuestTimeout(
                 f"timed out: the guest did not finish within {deadline - start:.0f} s",
                 console_log.text(),
-                helper.log.text(),
+                "" if helper is None else helper.log.text(),
             ) from None
         elapsed = time.monotonic() - start
     finally:
         _stop(qemu)
 
-    try:
-        helper.process.wait(timeout=helper_exit_timeout)
-    except subprocess.TimeoutExpired:
-        helper.stop()
+    helper_returncode = 0
+    helper_stderr = ""
+    if helper is not None:
+        try:
+            helper.process.wait(timeout=helper_exit_timeout)
+        except subprocess.TimeoutExpired:
+            helper.stop()
+        helper_returncode = helper.process.returncode
+        helper_stderr = helper.log.text()
     console = console_log.text()
-    helper_stderr = helper.log.text()
     qemu_stderr = qemu_log.text()
     workload = _parse_console(console)
     if workload is None:
         raise GuestError(
             "guest ended without finishing the workload (QEMU exit status "
-            f"{qemu.returncode}, helper exit code {helper.process.returncode}); "
+            f"{qemu.returncode}, helper exit code {helper_returncode}); "
             f"QEMU stderr: {qemu_stderr.strip() or '(empty)'}",
             console,
             helper_stderr,
@@ -378,7 +409,7 @@ def _run_qemu(
     return GuestResult(
         stdout=output,
         status=status,
-        helper_returncode=helper.process.returncode,
+        helper_returncode=helper_returncode,
         helper_stderr=helper_stderr,
         qemu_returncode=qemu.returncode,
         qemu_stderr=qemu_stderr,
@@ -409,16 +440,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     parser.add_argument(
         "--helper",
-        required=True,
+        default="",
         help="helper command, split like a shell command line, "
-        "for example /usr/lib/qemu/virtfs-proxy-helper",
+        "for example /usr/lib/qemu/virtfs-proxy-helper; required unless --mode local",
     )
     parser.add_argument(
         "--mode",
-        choices=("socket", "fd"),
+        choices=("socket", "fd", "local"),
         default="socket",
         help="socket: the helper listens on a Unix socket (-s); fd: the helper gets "
-        "one end of a socketpair (--fd). Default: socket",
+        "one end of a socketpair (--fd); local: no helper, QEMU runs as root and "
+        "serves the export itself. Default: socket",
     )
     parser.add_argument("--export", required=True, type=Path, help="dir to share")
     parser.add_argument(
@@ -442,6 +474,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         help="echo the whole serial console to stderr as it arrives",
     )
     args = parser.parse_args(None if argv is None else list(argv))
+    if args.mode != "local" and not args.helper:
+        parser.error("--helper is required unless --mode is local")
 
     try:
         result = run_guest(
