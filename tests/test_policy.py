@@ -277,7 +277,7 @@ def test_socket_peer_uid_checked(
 
 def test_runs_in_user_namespace(helper_command: list[str], export: Path) -> None:
     # Root inside a user namespace that maps only uid 0 to the caller: the
-    # helper starts, serves root's requests and answers the rest with the
+    # helper starts, serves root's requests and fails the rest with the
     # kernel's errno.
     (export / "file").write_bytes(b"data")
     command = ["unshare", "--user", "--map-root-user", *helper_command]
@@ -314,8 +314,8 @@ def test_open_refuses_proc_magic_links(helper_command: list[str], export: Path) 
             for path in (b"/proc/self/root", b"/proc/self/cwd"):
                 reply = helper.client.call(p.Open(path, os.O_RDONLY | os.O_DIRECTORY))
                 assert reply.status == -errno.ELOOP, path
-            # Another process's root: the kernel's ptrace check refuses first,
-            # because the helper holds no CAP_SYS_PTRACE.
+            # Another process's root: the kernel's ptrace check rejects it first,
+            # because the helper has no CAP_SYS_PTRACE.
             flags = os.O_RDONLY | os.O_DIRECTORY
             reply = helper.client.call(p.Open(b"/proc/1/root", flags))
             assert reply.status == -errno.EACCES

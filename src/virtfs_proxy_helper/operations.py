@@ -59,7 +59,7 @@ def _check_type(mode: int, flags: int, creating: bool) -> None:
             raise OSError(errno.EISDIR, "is a directory")
         return
     if stat.S_ISLNK(mode) and not flags & os.O_PATH:
-        # Only O_NOFOLLOW stops at a symlink, and open(2) answers that with ELOOP.
+        # Only O_NOFOLLOW stops at a symlink, and open(2) fails that with ELOOP.
         raise OSError(errno.ELOOP, "final component is a symlink")
     raise OSError(errno.ENXIO, "not a regular file or directory")
 
@@ -71,6 +71,15 @@ def _open_then_check(path: bytes, flags: int, mode: int, creating: bool) -> int:
     node's open before rejecting it.
     """
     fd = os.open(path, flags | os.O_NONBLOCK, mode)
+    return check_opened(fd, flags, creating)
+
+
+def check_opened(fd: int, flags: int, creating: bool) -> int:
+    """Return `fd`, opened with O_NONBLOCK added, if OPEN may hand it out.
+
+    Otherwise close it and raise the errno of `_check_type`. O_NONBLOCK is
+    cleared again unless `flags` asked for it.
+    """
     try:
         _check_type(os.fstat(fd).st_mode, flags, creating)
         if not flags & os.O_NONBLOCK:

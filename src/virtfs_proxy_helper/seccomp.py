@@ -267,7 +267,7 @@ KILLED_SYSCALLS: tuple[str, ...] = (
 )
 
 # ioctl requests that may pass: GETVERSION runs on files that OPEN checked,
-# and SIOCOUTQ tells whether QEMU has read every earlier reply.
+# and SIOCOUTQ shows whether QEMU has read every earlier reply.
 ALLOWED_IOCTLS: tuple[int, ...] = (FS_IOC_GETVERSION, SIOCOUTQ)
 
 # Return values of a filter, from linux/seccomp.h.

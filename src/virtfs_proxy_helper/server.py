@@ -177,7 +177,7 @@ class Server:
 
     def _send_fd(self, fd: int) -> None:
         try:
-            code = self._fd_refused()
+            code = self._fd_rejected()
             if code == 0:
                 code = self._sendmsg_fd(fd)
         finally:
@@ -185,7 +185,7 @@ class Server:
         if code:
             self._send(protocol.encode_fd_status(-code))
 
-    def _fd_refused(self) -> int:
+    def _fd_rejected(self) -> int:
         """Return ETOOMANYREFS if the peer has not read an earlier reply.
 
         Descriptors in flight count against the sending user, root, which
@@ -193,7 +193,7 @@ class Server:
         QEMU reads each reply before its next request, so a queue that is
         not empty means a peer that pipelines OPENs to hoard descriptors,
         which would make sendmsg fail for all helpers. It gets an errno
-        instead, so it holds at most one descriptor in flight.
+        instead, so it keeps at most one descriptor in flight.
         """
         queued = fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, bytes(4))
         if int.from_bytes(queued, sys.byteorder) == 0:

@@ -13,17 +13,16 @@ the object itself that way and act on that descriptor, directly or
 through its /proc/self/fd link, so nothing can swap the path between the
 check and the call.
 
-The same handlers serve --sandbox chroot, inside the chroot. There they
-close a hole that chroot alone leaves: if a host process moves a directory
+The same handlers serve --sandbox chroot, inside the chroot, where they
+close a hole that chroot alone leaves. If a host process moves a directory
 out of the export while a lookup walks "..", a plain lookup climbs past
-the chroot, but openat2 notices the rename and fails with EAGAIN, which
-libc.openat2 retries.
+the chroot. openat2 notices the rename instead and fails with EAGAIN,
+which libc.openat2 retries.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -36,8 +35,8 @@ from .operations import (
     _O_TMPFILE_ONLY,
     Operations,
     Result,
-    _check_type,
     _to_id,
+    check_opened,
     readlink_room,
     stat_payload,
     string_payload,
@@ -153,14 +152,7 @@ class UnconfinedOperations(Operations):
 
     def _create_through_symlink(self, path: bytes, flags: int, mode: int) -> int:
         fd = self._openat2(path, flags | os.O_NONBLOCK, mode)
-        try:
-            _check_type(os.fstat(fd).st_mode, flags, True)
-            if not flags & os.O_NONBLOCK:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return check_opened(fd, flags, True)
 
     # Requests on the last name, inside its directory.
 
@@ -247,8 +239,8 @@ class UnconfinedOperations(Operations):
             if stat.S_ISDIR(mode):
                 raise OSError(errno.EISDIR, "is a directory")
             if not stat.S_ISREG(mode):
-                # What truncate(2) says of FIFOs and devices, and opening
-                # them for writing could block or run a driver.
+                # truncate(2) fails FIFOs and devices with EINVAL, and
+                # opening them for writing could block or run a driver.
                 raise OSError(errno.EINVAL, "not a regular file")
             flags = os.O_WRONLY | os.O_CLOEXEC
             writable = os.open(b"%d" % fd, flags, dir_fd=self.proc_fd_dir)
