@@ -31,6 +31,9 @@ FS_IOC_GETVERSION = 0x80087601
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _MASK64 = (1 << 64) - 1
+_NS = 1_000_000_000
+# Seconds beyond this make a nanosecond total that os.utime cannot convert.
+_SECONDS_LIMIT = 1 << 32
 
 # Flags that open a descriptor without opening the file itself: no device
 # driver's open runs and no FIFO blocks, so the type can be checked first.
@@ -306,7 +309,15 @@ class Operations:
     def utime(self, request: protocol.Utime) -> None:
         atime = (to_signed64(request.atime_sec), to_signed64(request.atime_nsec))
         mtime = (to_signed64(request.mtime_sec), to_signed64(request.mtime_nsec))
-        libc.lutimens(request.path, atime, mtime)
+        plain = 0 <= atime[1] < _NS and 0 <= mtime[1] < _NS
+        if plain and abs(atime[0]) < _SECONDS_LIMIT > abs(mtime[0]):
+            # Plain times (no UTIME_NOW or UTIME_OMIT, both above 10**9) whose
+            # nanosecond totals fit os.utime: it makes the same utimensat call
+            # for a third of the cost of the ctypes binding.
+            times = (atime[0] * _NS + atime[1], mtime[0] * _NS + mtime[1])
+            os.utime(request.path, ns=times, follow_symlinks=False)
+        else:
+            libc.lutimens(request.path, atime, mtime)
 
     # Data replies.
 
