@@ -215,7 +215,8 @@ DIFFERENCES: tuple[Difference, ...] = (
     ),
     Difference(
         name="unchanged-ids-keep-capabilities",
-        condition="CREATE, MKDIR, MKNOD or SYMLINK with uid and gid both -1",
+        condition="CREATE, MKDIR, MKNOD or SYMLINK with uid and gid each 0 or -1, "
+        "not both 0",
         c_behaviour="keeps uid and gid 0 but cuts its effective capabilities to "
         "CAP_DAC_OVERRIDE, because it treats only 0/0 as root. So MKNOD of a "
         "device fails with EPERM, and CREATE with S_ISGID in a setgid directory "

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from . import protocol
 
 PATH_MAX = 4096
+NAME_MAX = 255
 
 _DIRECTORY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -28,8 +29,11 @@ ResultT = TypeVar("ResultT")
 
 
 def is_long(path: bytes) -> bool:
-    """Return True if `path` is too long for a single system call."""
-    return len(path) >= PATH_MAX
+    """Return True if `path` is too long for one system call but can be
+    resolved a chunk at a time, because no name in it exceeds NAME_MAX."""
+    if len(path) < PATH_MAX:
+        return False
+    return max(map(len, path.split(b"/"))) <= NAME_MAX
 
 
 def split_last(path: bytes) -> tuple[bytes, bytes]:

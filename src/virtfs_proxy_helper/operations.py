@@ -245,7 +245,9 @@ class Operations:
                 # O_TMPFILE implies O_DIRECTORY, so a special file fails
                 # with ENOTDIR during lookup, before any open runs.
                 return os.open(request.path, flags, mode)
-            if not flags & os.O_CREAT:
+            # O_PATH makes the kernel ignore O_CREAT and O_EXCL, so such an
+            # open would reach special files unchecked.
+            if not flags & os.O_CREAT or flags & os.O_PATH:
                 return self.open_checked(request.path, flags)
             # With O_EXCL the kernel creates a new regular file or fails,
             # so nothing that already exists gets opened here.
@@ -345,10 +347,14 @@ class Operations:
     # Extended attributes. A size of 0 requests only the length.
 
     @staticmethod
-    def _sized_reply(value: bytes, size_field: int) -> bytes:
+    def _xattr_size(size_field: int) -> int:
         size = to_signed32(size_field)
         if size < 0:
             raise OSError(errno.EINVAL, "negative xattr buffer size")
+        return size
+
+    @staticmethod
+    def _sized_reply(value: bytes, size: int) -> bytes:
         if size == 0:
             return _U32.pack(len(value))
         if len(value) > size:
@@ -356,13 +362,15 @@ class Operations:
         return string_payload(value)
 
     def lgetxattr(self, request: protocol.Lgetxattr) -> bytes:
+        size = self._xattr_size(request.size)
         value = os.getxattr(request.path, request.name, follow_symlinks=False)
-        return self._sized_reply(value, request.size)
+        return self._sized_reply(value, size)
 
     def llistxattr(self, request: protocol.Llistxattr) -> bytes:
+        size = self._xattr_size(request.size)
         names = os.listxattr(request.path, follow_symlinks=False)
         listing = b"".join(os.fsencode(name) + b"\0" for name in names)
-        return self._sized_reply(listing, request.size)
+        return self._sized_reply(listing, size)
 
     def lsetxattr(self, request: protocol.Lsetxattr) -> None:
         if to_signed32(request.size) != len(request.value):

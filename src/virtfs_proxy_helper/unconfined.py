@@ -80,6 +80,8 @@ class UnconfinedOperations(Operations):
         """Yield a descriptor of the directory holding `path`, and the last name."""
         if not path:
             raise OSError(errno.ENOENT, "empty path")
+        if len(path) >= longpaths.PATH_MAX and not longpaths.is_long(path):
+            raise OSError(errno.ENAMETOOLONG, "a name in the path is too long")
         directory, name = longpaths.split_last(path)
         if name.rstrip(b"/") in (b"", b".", b".."):
             # The object is a directory named by the whole path.
@@ -137,7 +139,9 @@ class UnconfinedOperations(Operations):
         with identity(_to_id(request.uid), _to_id(request.gid)):
             if flags & _O_TMPFILE_ONLY:
                 return self._openat2(request.path, flags, mode)
-            if not flags & os.O_CREAT:
+            # O_PATH makes the kernel ignore O_CREAT and O_EXCL, so such an
+            # open would reach special files unchecked.
+            if not flags & os.O_CREAT or flags & os.O_PATH:
                 return self.open_checked(request.path, flags)
             try:
                 with self._parent(request.path) as (parent, name):
