@@ -1,8 +1,8 @@
 """A seccomp filter that limits the request loop to the system calls it makes.
 
 Theory of operation: once start-up has confined the process to the export
-and dropped capabilities, the helper only serves requests, and the system
-calls that this needs are few and known: scripts/trace-syscalls lists them
+and dropped capabilities, the helper only serves requests. The system calls
+that this needs are few and known, and scripts/trace-syscalls lists them
 from strace runs of the tests and of a guest boot. `install` hands the
 kernel a classic BPF program that checks every later system call of the
 process:
