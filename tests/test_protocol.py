@@ -8,6 +8,7 @@ protocol uses native byte order, so the byte-exact tests skip on big-endian host
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -593,3 +594,37 @@ def test_decode_mutated_payload(
         index = data.draw(st.integers(min_value=0, max_value=len(payload) - 1))
         payload[index] = data.draw(st.integers(min_value=0, max_value=255))
     check_decode_or_reject(kind, bytes(payload))
+
+
+def decode_or_error(decode: Callable[[], object]) -> object:
+    try:
+        return decode()
+    except DecodeError as err:
+        return f"DecodeError: {err}"
+
+
+@settings(max_examples=500, deadline=None)
+@given(ANY_REQUEST, st.data())
+def test_fast_decoders_match_field_decoder(
+    proxy_request: Request, data: st.DataObject
+) -> None:
+    # The per-type decoders take shortcuts. For any payload, valid or one
+    # byte off, they must give the request or the error that the
+    # field-by-field reference decoder gives.
+    kind = protocol.TYPE_OF[type(proxy_request)]
+    cls, layout = protocol.LAYOUTS[kind]
+    payload = bytearray(encode_with_terminators(proxy_request))
+    change = data.draw(st.sampled_from(["none", "byte", "cut", "extend"]))
+    if change == "byte" and payload:
+        index = data.draw(st.integers(min_value=0, max_value=len(payload) - 1))
+        payload[index] = data.draw(st.sampled_from([0, 1, 0xFF]))
+    elif change == "cut" and payload:
+        del payload[data.draw(st.integers(min_value=0, max_value=len(payload) - 1)) :]
+    elif change == "extend":
+        payload += data.draw(st.binary(min_size=1, max_size=3))
+    fast = decode_or_error(lambda: protocol.DECODERS[kind](bytes(payload)))
+    reference = decode_or_error(
+        lambda: cls(*protocol.decode_fields(layout, bytes(payload)))
+    )
+    assert fast == reference
+    assert type(fast) is type(reference)

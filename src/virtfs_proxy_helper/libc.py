@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import platform
+import struct
 from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -66,16 +67,32 @@ def capget() -> CapabilitySets:
     )
 
 
+class PreparedCapabilities:
+    """Capability sets packed for capset(2) once, to set again and again.
+
+    Identity switches set the same two states for every request, and
+    packing the kernel's structures costs more than the call itself.
+    """
+
+    def __init__(self, sets: CapabilitySets):
+        self.sets = sets
+        self._header = _CapHeader(_CAP_VERSION_3, 0)
+        self._header_pointer = ctypes.byref(self._header)
+        self._data = _CapDataPair()
+        for word in range(2):
+            shift = 32 * word
+            self._data[word].effective = (sets.effective >> shift) & 0xFFFFFFFF
+            self._data[word].permitted = (sets.permitted >> shift) & 0xFFFFFFFF
+            self._data[word].inheritable = (sets.inheritable >> shift) & 0xFFFFFFFF
+
+    def apply(self) -> None:
+        """Replace the calling thread's capability sets with these."""
+        _check(_libc.capset(self._header_pointer, self._data), "capset")
+
+
 def capset(sets: CapabilitySets) -> None:
     """Replace the calling thread's capability sets."""
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    data = _CapDataPair()
-    for word in range(2):
-        shift = 32 * word
-        data[word].effective = (sets.effective >> shift) & 0xFFFFFFFF
-        data[word].permitted = (sets.permitted >> shift) & 0xFFFFFFFF
-        data[word].inheritable = (sets.inheritable >> shift) & 0xFFFFFFFF
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    PreparedCapabilities(sets).apply()
 
 
 # prctl(2) is variadic, and the kernel rejects some options unless the unused
@@ -122,23 +139,14 @@ def lutimens(
     _check(result, "utimensat", path)
 
 
-# statfs(2). On 64-bit Linux every field is a long except f_fsid, which is
-# two ints; the padding at the end is f_flags and f_spare.
-class _Statfs(ctypes.Structure):
-    _fields_ = [
-        ("f_type", ctypes.c_long),
-        ("f_bsize", ctypes.c_long),
-        ("f_blocks", ctypes.c_ulong),
-        ("f_bfree", ctypes.c_ulong),
-        ("f_bavail", ctypes.c_ulong),
-        ("f_files", ctypes.c_ulong),
-        ("f_ffree", ctypes.c_ulong),
-        ("f_fsid", ctypes.c_int * 2),
-        ("f_namelen", ctypes.c_long),
-        ("f_frsize", ctypes.c_long),
-        ("f_flags", ctypes.c_long),
-        ("f_spare", ctypes.c_long * 4),
-    ]
+# statfs(2). On 64-bit Linux every field of struct statfs is a long except
+# f_fsid, which is two ints. _STATFS_FIELDS reads the ones the proxy protocol
+# carries, which come first; f_flags and f_spare follow them.
+_STATFS_FIELDS = struct.Struct("=qq5Q2iqq")
+_STATFS_SIZE = 120
+# One buffer for every call: the helper is single-threaded, and this saves
+# allocating a ctypes structure per STATFS request.
+_statfs_buffer = ctypes.create_string_buffer(_STATFS_SIZE)
 
 
 class StatfsResult(NamedTuple):
@@ -157,40 +165,20 @@ class StatfsResult(NamedTuple):
     f_frsize: int
 
 
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
-
-
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
 
 
 def statfs(path: bytes) -> StatfsResult:
     """Call statfs(2) on `path`, which follows symlinks."""
-    buf = _Statfs()
-    _check(_libc.statfs(path, ctypes.byref(buf)), "statfs", path)
-    return _statfs_result(buf)
+    _check(_libc.statfs(path, _statfs_buffer), "statfs", path)
+    return StatfsResult._make(_STATFS_FIELDS.unpack_from(_statfs_buffer))
 
 
 def fstatfs(fd: int) -> StatfsResult:
     """Call fstatfs(2), which also accepts an O_PATH descriptor."""
-    buf = _Statfs()
-    _check(_libc.fstatfs(fd, ctypes.byref(buf)), "fstatfs")
-    return _statfs_result(buf)
-
-
-def _statfs_result(buf: _Statfs) -> StatfsResult:
-    return StatfsResult(
-        buf.f_type,
-        buf.f_bsize,
-        buf.f_blocks,
-        buf.f_bfree,
-        buf.f_bavail,
-        buf.f_files,
-        buf.f_ffree,
-        buf.f_fsid[0],
-        buf.f_fsid[1],
-        buf.f_namelen,
-        buf.f_frsize,
-    )
+    _check(_libc.fstatfs(fd, _statfs_buffer), "fstatfs")
+    return StatfsResult._make(_STATFS_FIELDS.unpack_from(_statfs_buffer))
 
 
 # Mount namespaces: unshare(2), mount(2), umount2(2) and pivot_root(2). Python
@@ -259,23 +247,36 @@ class _OpenHow(ctypes.Structure):
     ]
 
 
+# A handle on syscall(2) of its own, typed for openat2, so the arguments need
+# no wrapping per call, and one open_how reused by every call: the helper is
+# single-threaded.
+_openat2_syscall = _libc["syscall"]
+_openat2_syscall.argtypes = [
+    ctypes.c_long,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+]
+_openat2_syscall.restype = ctypes.c_long
+_how = _OpenHow()
+_how_pointer = ctypes.byref(_how)
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+
+
 def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
     """Open `path` relative to `dir_fd` with openat2(2)'s `resolve` limits."""
     _require_syscall_numbers("openat2")
-    how = _OpenHow(flags, mode, resolve)
+    _how.flags = flags
+    _how.mode = mode
+    _how.resolve = resolve
     # With RESOLVE_IN_ROOT the kernel fails a lookup that crossed ".." with
     # EAGAIN when any rename ran on the host meanwhile, because it cannot
     # tell whether the rename moved the path outside the root. A retry
     # resolves afresh. The bound only keeps a rename storm from looping
     # forever; EAGAIN then reaches the peer.
     for _ in range(_OPENAT2_TRIES):
-        result = _libc.syscall(
-            _SYS_OPENAT2,
-            ctypes.c_int(dir_fd),
-            ctypes.c_char_p(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        result = _openat2_syscall(_SYS_OPENAT2, dir_fd, path, _how_pointer, _HOW_SIZE)
         if result >= 0 or ctypes.get_errno() != errno.EAGAIN:
             break
     return _check(result, "openat2", path)

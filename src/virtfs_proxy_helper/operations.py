@@ -30,7 +30,6 @@ FS_IOC_GETVERSION = 0x80087601
 
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
-_MASK64 = (1 << 64) - 1
 _NS = 1_000_000_000
 # Seconds beyond this make a nanosecond total that os.utime cannot convert.
 _SECONDS_LIMIT = 1 << 32
@@ -93,28 +92,38 @@ def check_opened(fd: int, flags: int, creating: bool) -> int:
     return fd
 
 
+# protocol.STAT with the seconds signed, as they are in os.stat_result: the
+# bytes are the same, and times before 1970 need no masking.
+_STAT_REPLY = struct.Struct("=QQQIIIQQQQqQqQqQ")
+assert _STAT_REPLY.size == protocol.STAT.size
+# protocol.STATFS with the fields that struct statfs has signed kept signed.
+# A negative f_fsid half goes out sign-extended to 64 bits.
+STATFS_REPLY = struct.Struct("=qq5Q4q")
+assert STATFS_REPLY.size == protocol.STATFS.size
+
+
 def stat_payload(st: os.stat_result) -> bytes:
     """Pack an lstat result as the 116-byte LSTAT reply payload."""
-    atime = divmod(st.st_atime_ns, 1_000_000_000)
-    mtime = divmod(st.st_mtime_ns, 1_000_000_000)
-    ctime = divmod(st.st_ctime_ns, 1_000_000_000)
-    return protocol.STAT.pack(
-        st.st_dev,
-        st.st_ino,
-        st.st_nlink,
-        st.st_mode,
-        st.st_uid,
-        st.st_gid,
+    # Items 0-9 of a stat_result are st_mode to st_ctime with whole seconds,
+    # floored like tv_sec, so the *_ns fields modulo 10**9 give tv_nsec.
+    mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime = st[:10]
+    return _STAT_REPLY.pack(
+        dev,
+        ino,
+        nlink,
+        mode,
+        uid,
+        gid,
         st.st_rdev,
-        st.st_size,
+        size,
         st.st_blksize,
         st.st_blocks,
-        atime[0] & _MASK64,
-        atime[1],
-        mtime[0] & _MASK64,
-        mtime[1],
-        ctime[0] & _MASK64,
-        ctime[1],
+        atime,
+        st.st_atime_ns % _NS,
+        mtime,
+        st.st_mtime_ns % _NS,
+        ctime,
+        st.st_ctime_ns % _NS,
     )
 
 
@@ -331,8 +340,7 @@ class Operations:
         return string_payload(os.readlink(request.path)[:room])
 
     def statfs(self, request: protocol.Statfs) -> bytes:
-        fs = libc.statfs(request.path)
-        return protocol.STATFS.pack(*(field & _MASK64 for field in fs))
+        return STATFS_REPLY.pack(*libc.statfs(request.path))
 
     def getversion(self, request: protocol.Getversion) -> bytes:
         if not self.getversion_supported:

@@ -19,13 +19,12 @@ SCM_RIGHTS, the kernel discards them because no control buffer is given.
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import logging
 import os
 import socket
-import sys
+import struct
 import termios
 
 from . import longpaths, protocol
@@ -42,6 +41,16 @@ _BUFFER_SIZE = protocol.HEADER_SIZE + protocol.MAX_PAYLOAD
 
 # SIOCOUTQ: bytes the peer has not yet read from a socket's send queue.
 SIOCOUTQ = termios.TIOCOUTQ
+
+_unpack_header = protocol.HEADER.unpack_from
+_SUCCESS_STATUS = protocol.encode_status(0)
+_FD_SENT = [protocol.encode_fd_status(protocol.FD_VALID)]
+_INT = struct.Struct("=i")
+_NOTHING_QUEUED = bytes(4)
+
+
+def _name(kind: int) -> str:
+    return protocol.TYPE_NAMES.get(kind, str(kind))
 
 
 class PeerClosed(Exception):
@@ -66,6 +75,11 @@ class Server:
         self.filled = 0
         self.malformed = 0
         self.requests = 0
+        self.handlers = operations.handlers
+        self._receive = sock.recv_into
+        self.fileno = sock.fileno()
+        # The log level is fixed at start, so it is read once here, not per request.
+        self.debug = logger.isEnabledFor(logging.DEBUG)
 
     def serve(self) -> bool:
         """Serve requests until the connection ends.
@@ -88,19 +102,32 @@ class Server:
             )
             return closed.clean
 
+    def _receive_some(self) -> None:
+        """Receive what has arrived after the bytes already buffered."""
+        try:
+            received = self._receive(self.view[self.filled :])
+        except OSError as err:
+            raise PeerClosed(f"receive failed: {err.strerror}") from err
+        if received == 0:
+            if self.filled:
+                raise PeerClosed("peer disconnected in the middle of a frame")
+            raise PeerClosed("peer disconnected", clean=True)
+        self.filled += received
+
     def _fill(self, size: int) -> None:
         while self.filled < size:
-            try:
-                received = self.sock.recv_into(self.view[self.filled :])
-            except OSError as err:
-                raise PeerClosed(f"receive failed: {err.strerror}") from err
-            if received == 0:
-                if self.filled:
-                    raise PeerClosed("peer disconnected in the middle of a frame")
-                raise PeerClosed("peer disconnected", clean=True)
-            self.filled += received
+            self._receive_some()
 
     def _read_frame(self) -> tuple[int, bytes]:
+        if self.filled == 0:
+            # The usual case: one receive brings exactly one whole frame.
+            self._receive_some()
+            if self.filled >= protocol.HEADER_SIZE:
+                kind, size = _unpack_header(self.buffer)
+                end = protocol.HEADER_SIZE + size
+                if self.filled == end:
+                    self.filled = 0
+                    return kind, bytes(self.view[protocol.HEADER_SIZE : end])
         self._fill(protocol.HEADER_SIZE)
         try:
             kind, size = protocol.decode_header(self.view)
@@ -117,51 +144,58 @@ class Server:
         return kind, payload
 
     def _dispatch(self, kind: int, payload: bytes) -> None:
-        name = protocol.TYPE_NAMES.get(kind, str(kind))
+        decode = protocol.DECODERS.get(kind)
+        if decode is None:
+            self._log_malformed(kind, f"unknown request type {kind}")
+            self._reply_error(kind, errno.EOPNOTSUPP)
+            return
         try:
-            request = protocol.decode_request(kind, payload)
+            request = decode(payload)
         except DecodeError as err:
-            self._log_malformed(name, err)
-            code = errno.EOPNOTSUPP if kind not in protocol.LAYOUTS else errno.EINVAL
-            self._reply_error(kind, code)
+            self._log_malformed(kind, str(err))
+            self._reply_error(kind, errno.EINVAL)
             return
 
         result: Result
         try:
             if len(payload) < longpaths.PATH_MAX:
-                result = self.operations.handlers[kind](request)
+                result = self.handlers[kind](request)
             else:
                 result = self.operations.call_long(kind, request)
         except OSError as err:
             code = err.errno or errno.EIO
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s %r: %s", name, request, errno.errorcode.get(code))
+            if self.debug:
+                logger.debug(
+                    "%s %r: %s", _name(kind), request, errno.errorcode.get(code)
+                )
             self._reply_error(kind, code)
             return
         except Exception:
-            logger.exception("internal error in %s %r; replying EIO", name, request)
+            logger.exception(
+                "internal error in %s %r; replying EIO", _name(kind), request
+            )
             self._reply_error(kind, errno.EIO)
             return
 
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s %r: ok", name, request)
-        if kind in protocol.FD_REPLY_TYPES:
+        if self.debug:
+            logger.debug("%s %r: ok", _name(kind), request)
+        if result is None:
+            self._send(_SUCCESS_STATUS)
+        elif kind in protocol.FD_REPLY_TYPES:
             assert isinstance(result, int)
             self._send_fd(result)
-        elif result is None:
-            self._send(protocol.encode_status(0))
         else:
             assert isinstance(result, bytes)
             self._send(protocol.encode_data(result))
 
-    def _log_malformed(self, name: str, err: DecodeError) -> None:
+    def _log_malformed(self, kind: int, reason: str) -> None:
         self.malformed += 1
         if self.malformed <= MAX_LOGGED_MALFORMED:
-            logger.warning("malformed %s request: %s", name, err)
+            logger.warning("malformed %s request: %s", _name(kind), reason)
             if self.malformed == MAX_LOGGED_MALFORMED:
                 logger.warning("further malformed requests are logged at DEBUG")
         else:
-            logger.debug("malformed %s request: %s", name, err)
+            logger.debug("malformed %s request: %s", _name(kind), reason)
 
     def _reply_error(self, kind: int, code: int) -> None:
         if kind in protocol.FD_REPLY_TYPES:
@@ -195,17 +229,15 @@ class Server:
         which would make sendmsg fail for all helpers. It gets an errno
         instead, so it keeps at most one descriptor in flight.
         """
-        queued = fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, bytes(4))
-        if int.from_bytes(queued, sys.byteorder) == 0:
+        if fcntl.ioctl(self.fileno, SIOCOUTQ, _NOTHING_QUEUED) == _NOTHING_QUEUED:
             return 0
         logger.debug("peer has unread replies; not sending a descriptor")
         return errno.ETOOMANYREFS
 
     def _sendmsg_fd(self, fd: int) -> int:
-        data = protocol.encode_fd_status(protocol.FD_VALID)
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _INT.pack(fd))]
         try:
-            self.sock.sendmsg([data], rights)
+            self.sock.sendmsg(_FD_SENT, rights)
         except (BrokenPipeError, ConnectionResetError) as err:
             raise PeerClosed(f"sending a descriptor failed: {err.strerror}") from err
         except OSError as err:

@@ -31,8 +31,8 @@ from typing import TypeVar
 
 from . import libc, longpaths, protocol
 from .operations import (
-    _MASK64,
     _O_TMPFILE_ONLY,
+    STATFS_REPLY,
     Operations,
     Result,
     _to_id,
@@ -256,7 +256,7 @@ class UnconfinedOperations(Operations):
     def statfs(self, request: protocol.Statfs) -> bytes:
         with self._object(request.path) as fd:
             fs = libc.fstatfs(fd)
-        return protocol.STATFS.pack(*(field & _MASK64 for field in fs))
+        return STATFS_REPLY.pack(*fs)
 
     # The xattr calls have no *at form, so they run from inside the parent.
 
