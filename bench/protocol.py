@@ -198,6 +198,7 @@ class Target:
 
 
 PLACEMENTS = ("same-cpu", "split", "free")
+FLOOR = "floor_helper.py"
 
 
 def place_client(placement: str) -> set[int] | None:
@@ -301,12 +302,11 @@ def summarize(results: dict[str, Any], names: list[str]) -> None:
                 "ops_per_s_rounds": rates,
                 "helper_cpu_us_per_op": statistics.median(cpu_us),
             }
-        paired = [
-            c["wall_s"] / ours["wall_s"]
-            for c, ours in zip(
-                result["rounds"]["c"], result["rounds"]["ours"], strict=True
+        paired = _paired_ratios(result["rounds"], "ours")
+        if "floor" in names:
+            result["floor_ratio"] = statistics.median(
+                _paired_ratios(result["rounds"], "floor")
             )
-        ]
         result["ratio"] = statistics.median(paired)
         result["ratio_of_medians"] = (
             result["ours"]["ops_per_s"] / result["c"]["ops_per_s"]
@@ -317,6 +317,14 @@ def summarize(results: dict[str, Any], names: list[str]) -> None:
         result["cpu_ratio"] = (
             result["c"]["helper_cpu_us_per_op"] / result["ours"]["helper_cpu_us_per_op"]
         )
+
+
+def _paired_ratios(rounds: dict[str, list[dict[str, float]]], name: str) -> list[float]:
+    """Return C's wall time over `name`'s for each round: its ops/s ratio to C."""
+    return [
+        c["wall_s"] / other["wall_s"]
+        for c, other in zip(rounds["c"], rounds[name], strict=True)
+    ]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -333,6 +341,12 @@ def format_table(results: dict[str, Any]) -> str:
             f"{spread:>11} {result['c']['helper_cpu_us_per_op']:>8.1f} "
             f"{result['ours']['helper_cpu_us_per_op']:>10.1f}"
         )
+        if "floor_ratio" in result:
+            lines.append(
+                f"{'  floor_helper.py':<20} {'':>9} "
+                f"{result['floor']['ops_per_s']:>10.0f} {result['floor_ratio']:>6.2f} "
+                f"{'':>11} {'':>8} {result['floor']['helper_cpu_us_per_op']:>10.1f}"
+            )
     lines.append(
         "ratio: ours/C ops/s, median of per-round ratios; rounds: their min-max; "
         "cpu us: helper CPU time per op (median)"
@@ -353,10 +367,19 @@ def peak_rss(targets: list[Target]) -> dict[str, dict[str, int]]:
 
 
 def measure(
-    seconds: float, rounds: int, operations: list[Operation], placement: str
+    seconds: float,
+    rounds: int,
+    operations: list[Operation],
+    placement: str,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole benchmark in a temporary directory; return the JSON data."""
+    """Run the whole benchmark in a temporary directory; return the JSON data.
+
+    With `floor`, bench/floor_helper.py runs as a third helper.
+    """
     commands = common.helper_commands()
+    if floor:
+        commands["floor"] = [sys.executable, str(Path(__file__).with_name(FLOOR))]
     machine = common.machine_info()
     helper_cpus = place_client(placement)
     with (
@@ -449,8 +472,9 @@ def sample_profile(
 def format_samples(name: str, raw: str, top: int) -> str:
     """Summarize py-spy's collapsed stacks as self and inclusive shares.
 
-    Samples in the libc recv under Server._fill are the helper waiting for
-    the next request, so they are counted apart and left out of the shares.
+    Samples in the libc recv under Server._receive_some are the helper
+    waiting for the next request, so they are counted apart and left out of
+    the shares.
     """
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
@@ -461,7 +485,7 @@ def format_samples(name: str, raw: str, top: int) -> str:
         if not stack or "serve (" not in stack:
             continue
         samples = int(number)
-        if frames[-1].startswith("recv (") and "Server._fill" in stack:
+        if frames[-1].startswith("recv (") and "Server._receive_some" in stack:
             waiting += samples
             continue
         total += samples
@@ -585,6 +609,12 @@ def parse_args() -> argparse.Namespace:
         help="with --profile: sample with the py-spy at PATH instead of cProfile",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help=f"measure lstat only, with bench/{FLOOR} as a third helper: the "
+        "least per-request work a Python helper can do",
+    )
+    parser.add_argument(
         "--syscalls",
         action="store_true",
         help="count each helper's system calls per operation with strace -c",
@@ -610,13 +640,17 @@ def main() -> int:
     operations = build_operations()
     if args.only:
         operations = [find_operation(name) for name in args.only]
+    if args.floor:
+        operations = [find_operation("lstat")]
     if args.syscalls:
         table = count_syscalls(operations, 2000)
         print(format_syscalls(table))
         if args.json:
             common.write_json(args.json, {"benchmark": "syscalls", "calls": table})
         return 0
-    data = measure(args.seconds, args.rounds, operations, args.placement)
+    data = measure(
+        args.seconds, args.rounds, operations, args.placement, floor=args.floor
+    )
     print(format_table(data["operations"]))
     for name, memory in data["memory"].items():
         print(f"{name}: peak RSS (VmHWM) {memory['vm_hwm_kib']} KiB")
