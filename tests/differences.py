@@ -258,6 +258,21 @@ DIFFERENCES: tuple[Difference, ...] = (
         our_status=0,
         c_status=-errno.ENAMETOOLONG,
     ),
+    Difference(
+        name="special-file-open-errors",
+        condition="OPEN, or CREATE without O_EXCL, naming an existing FIFO, socket "
+        "or device node, without O_PATH or O_DIRECTORY, where open(2) fails without "
+        "blocking: O_NOATIME by a uid that does not own the file, or a FIFO opened "
+        "with access mode 3, or with O_DIRECT and either O_RDWR or O_RDONLY | "
+        "O_NONBLOCK",
+        c_behaviour="replies open(2)'s error: EPERM for O_NOATIME, EINVAL for "
+        "the FIFOs",
+        our_behaviour="replies ENXIO without opening the file",
+        reason="ours never opens a special file, so only the file's type decides "
+        "the reply, and QEMU gets an error either way",
+        our_status=-errno.ENXIO,
+        c_status=-errno.EPERM,
+    ),
 )
 
 _BY_NAME = {entry.name: entry for entry in DIFFERENCES}

@@ -1201,6 +1201,34 @@ def test_device_not_opened(
     expect_difference(pair, proxy_request, entry, c_status=c_status)
 
 
+# (request, C's status): open(2) fails on these before it opens the file. An
+# access mode of 3 (O_ACCMODE) requests neither reading nor writing.
+SPECIAL_OPEN_ERROR_CASES = [
+    pytest.param(Open(b"//fifo", os.O_ACCMODE), -errno.EINVAL, id="fifo-mode-3"),
+    pytest.param(
+        Open(b"//fifo", O_RDWR | os.O_DIRECT), -errno.EINVAL, id="fifo-direct"
+    ),
+    pytest.param(
+        Create(b"//fifo", O_CREAT | O_RDONLY | os.O_NOATIME, 0o644, USER, USER),
+        -errno.EPERM,
+        id="fifo-noatime-not-owner",
+    ),
+    pytest.param(
+        Create(b"//null", O_CREAT | O_RDONLY | os.O_NOATIME, 0o644, USER, USER),
+        -errno.EPERM,
+        id="device-noatime-not-owner",
+    ),
+]
+
+
+@pytest.mark.parametrize(("proxy_request", "c_status"), SPECIAL_OPEN_ERROR_CASES)
+def test_special_open_error_replaced(
+    pair: HelperPair, proxy_request: Request, c_status: int
+) -> None:
+    entry = difference("special-file-open-errors")
+    expect_difference(pair, proxy_request, entry, c_status=c_status)
+
+
 def test_every_difference_exercised() -> None:
     source = Path(__file__).read_text()
     used = set(re.findall(r'difference\("([a-z0-9-]+)"\)', source))

@@ -9,14 +9,13 @@ special files. After each request it compares the two replies, normalised as in
 test_differential.py, and every few steps and at the end of each example it
 compares the two trees.
 
-Requests under an entry of differences.py, or of SPECIAL_FILE_OPEN_ERRORS below,
-are not compared: ours must give the entry's `our_status`, and C its
-`c_status` where the entry's text holds for the case. Requests that would
-block or crash the C helper go to ours only. Create requests whose ids are
-each 0 or -1 reach the C helper as 0/0, because ours runs them as 0/0 (see
-unchanged-ids-keep-capabilities). A create request with uid 0 or -1 and
-another gid leaves the C helper without its capabilities, so after one the
-C helper is restarted on its tree.
+Requests under an entry of differences.py are not compared: ours must give
+the entry's `our_status`, and C its `c_status` where the entry's text
+applies to the case. Requests that would block or crash the C helper go to
+ours only. Create requests whose ids are each 0 or -1 reach the C helper as
+0/0, because ours runs them as 0/0 (see unchanged-ids-keep-capabilities). A
+create request with uid 0 or -1 and another gid leaves the C helper without
+its capabilities, so after one the C helper is restarted on its tree.
 
 DIFFERENTIAL_REQUESTS sets roughly how many requests a run sends: Hypothesis
 ends some examples early, so a run sends fewer (100,366 for a budget of
@@ -415,22 +414,6 @@ def opens_device(mode: int, flags: int) -> bool:
 
 SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 
-# TODO: move to differences.py, which does not list this difference yet.
-SPECIAL_FILE_OPEN_ERRORS = Difference(
-    name="special-file-open-errors",
-    condition="OPEN, or CREATE without O_EXCL, naming an existing FIFO, socket "
-    "or device node, without O_PATH or O_DIRECTORY, where open(2) fails without "
-    "blocking: O_NOATIME by a uid that does not own the file, or a FIFO opened "
-    "with access mode 3, or with O_DIRECT and either O_RDWR or O_RDONLY | "
-    "O_NONBLOCK",
-    c_behaviour="replies open(2)'s error: EPERM for O_NOATIME, EINVAL for the FIFOs",
-    our_behaviour="replies ENXIO without opening the file",
-    reason="ours never opens a special file, so only the file's type decides "
-    "the reply, and QEMU gets an error either way",
-    our_status=-errno.ENXIO,
-    c_status=-errno.EPERM,
-)
-
 
 def open_errno(st_: os.stat_result, flags: int, owner: int | None) -> int | None:
     """Return the errno that open(2) gives a special file without blocking.
@@ -531,7 +514,7 @@ def plan_opened_file(
     c_status = open_errno(st_, flags, owner)
     if c_status is not None:
         # open(2) fails before it opens the file, so C does not block.
-        return Plan(request, SPECIAL_FILE_OPEN_ERRORS, c_status)
+        return Plan(request, difference("special-file-open-errors"), c_status)
     if blocks_c(st_.st_mode, flags):
         return ours_only("fifo-open-blocks")
     if opens_device(st_.st_mode, flags):
