@@ -179,11 +179,11 @@ class Server:
 
         if self.debug:
             logger.debug("%s %r: ok", _name(kind), request)
-        if result is None:
-            self._send(_SUCCESS_STATUS)
-        elif kind in protocol.FD_REPLY_TYPES:
+        if kind in protocol.FD_REPLY_TYPES:
             assert isinstance(result, int)
             self._send_fd(result)
+        elif result is None:
+            self._send(_SUCCESS_STATUS)
         else:
             assert isinstance(result, bytes)
             self._send(protocol.encode_data(result))
