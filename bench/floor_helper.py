@@ -69,9 +69,14 @@ def serve(sock: socket.socket) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-f", "--fd", type=int, required=True)
-    parser.add_argument("-p", "--path", required=True)
-    parser.add_argument("-n", "--nodaemon", action="store_true")
+    parser.add_argument(
+        "-f", "--fd", type=int, required=True, help="connected socket to serve"
+    )
+    parser.add_argument("-p", "--path", required=True, help="directory to chroot into")
+    # Accepted because the benchmark passes it to every helper.
+    parser.add_argument(
+        "-n", "--nodaemon", action="store_true", help="ignored: this never forks"
+    )
     args = parser.parse_args()
     os.chroot(args.path)
     os.chdir("/")

@@ -628,6 +628,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     common.require_root()
+    if args.py_spy is not None and not os.access(args.py_spy, os.X_OK):
+        sys.exit(f"--py-spy {args.py_spy!r}: not an executable file")
     if args.profile:
         operation = find_operation(args.profile)
         if args.py_spy:
