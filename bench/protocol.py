@@ -472,9 +472,8 @@ def sample_profile(
 def format_samples(name: str, raw: str, top: int) -> str:
     """Summarize py-spy's collapsed stacks as self and inclusive shares.
 
-    Samples in the libc recv under Server._receive_some are the helper
-    waiting for the next request, so they are counted apart and left out of
-    the shares.
+    Samples in libc's recv are the helper waiting for the next request,
+    so they are counted apart and left out of the shares.
     """
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
@@ -485,7 +484,7 @@ def format_samples(name: str, raw: str, top: int) -> str:
         if not stack or "serve (" not in stack:
             continue
         samples = int(number)
-        if frames[-1].startswith("recv (") and "Server._receive_some" in stack:
+        if frames[-1].startswith("recv ("):
             waiting += samples
             continue
         total += samples

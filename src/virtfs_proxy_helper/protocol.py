@@ -58,6 +58,10 @@ _U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")
 
 
+# Decoders read from any of these without copying the whole payload first.
+Payload = bytes | bytearray | memoryview
+
+
 class DecodeError(Exception):
     """The peer sent bytes that do not form a valid request."""
 
@@ -246,7 +250,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     return kind, size
 
 
-def decode_fields(layout: str, payload: bytes | memoryview) -> list[int | bytes]:
+def decode_fields(layout: str, payload: Payload) -> list[int | bytes]:
     """Decode `payload` field by field; it must be consumed exactly."""
     fields: list[int | bytes] = []
     offset = 0
@@ -284,7 +288,7 @@ def decode_fields(layout: str, payload: bytes | memoryview) -> list[int | bytes]
     return fields
 
 
-def decode_request(kind: int, payload: bytes | memoryview) -> Request:
+def decode_request(kind: int, payload: Payload) -> Request:
     """Decode the payload of a frame of type `kind` into its request tuple."""
     try:
         decoder = DECODERS[kind]
@@ -293,7 +297,7 @@ def decode_request(kind: int, payload: bytes | memoryview) -> Request:
     return decoder(payload)
 
 
-Decoder = Callable[[bytes | memoryview], Request]
+Decoder = Callable[[Payload], Request]
 
 
 def _fixed_struct(codes: str) -> struct.Struct:
@@ -311,7 +315,7 @@ def _compile(cls: type[Request], layout: str) -> Decoder:
     raises the precise `DecodeError`.
     """
 
-    def decode_slowly(payload: bytes | memoryview) -> Request:
+    def decode_slowly(payload: Payload) -> Request:
         return cls(*decode_fields(layout, payload))  # type: ignore[arg-type]
 
     head, string, tail = layout.partition("p")
@@ -325,7 +329,7 @@ def _compile(cls: type[Request], layout: str) -> Decoder:
     unpack_length = _U16.unpack_from
     new = tuple.__new__
 
-    def decode(payload: bytes | memoryview) -> Request:
+    def decode(payload: Payload) -> Request:
         size = len(payload)
         if size >= start + tail_size:
             stop = start + unpack_length(payload, length_at)[0]
