@@ -90,11 +90,6 @@ class PreparedCapabilities:
         _check(_libc.capset(self._header_pointer, self._data), "capset")
 
 
-def capset(sets: CapabilitySets) -> None:
-    """Replace the calling thread's capability sets."""
-    PreparedCapabilities(sets).apply()
-
-
 # prctl(2) is variadic, and the kernel rejects some options unless the unused
 # arguments are zero, so all four are always passed.
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
@@ -259,24 +254,26 @@ _openat2_syscall.argtypes = [
     ctypes.c_size_t,
 ]
 _openat2_syscall.restype = ctypes.c_long
-_how = _OpenHow()
-_how_pointer = ctypes.byref(_how)
+_open_how = _OpenHow()
+_open_how_pointer = ctypes.byref(_open_how)
 _HOW_SIZE = ctypes.sizeof(_OpenHow)
 
 
 def openat2(dir_fd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
     """Open `path` relative to `dir_fd` with openat2(2)'s `resolve` limits."""
     _require_syscall_numbers("openat2")
-    _how.flags = flags
-    _how.mode = mode
-    _how.resolve = resolve
+    _open_how.flags = flags
+    _open_how.mode = mode
+    _open_how.resolve = resolve
     # With RESOLVE_IN_ROOT the kernel fails a lookup that crossed ".." with
     # EAGAIN when any rename ran on the host meanwhile, because it cannot
     # tell whether the rename moved the path outside the root. A retry
     # resolves afresh. The bound only keeps a rename storm from looping
     # forever; EAGAIN then reaches the peer.
     for _ in range(_OPENAT2_TRIES):
-        result = _openat2_syscall(_SYS_OPENAT2, dir_fd, path, _how_pointer, _HOW_SIZE)
+        result = _openat2_syscall(
+            _SYS_OPENAT2, dir_fd, path, _open_how_pointer, _HOW_SIZE
+        )
         if result >= 0 or ctypes.get_errno() != errno.EAGAIN:
             break
     return _check(result, "openat2", path)

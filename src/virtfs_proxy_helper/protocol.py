@@ -321,11 +321,12 @@ def _compile(cls: type[Request], layout: str) -> Decoder:
     head, string, tail = layout.partition("p")
     if string != "p" or "p" in tail or "s" in tail:
         return decode_slowly
-    unpack_head = _fixed_struct(head).unpack_from
-    unpack_tail = _fixed_struct(tail).unpack_from
-    length_at = _fixed_struct(head).size
+    head_struct, tail_struct = _fixed_struct(head), _fixed_struct(tail)
+    unpack_head = head_struct.unpack_from
+    unpack_tail = tail_struct.unpack_from
+    length_at = head_struct.size
     start = length_at + 2
-    tail_size = _fixed_struct(tail).size
+    tail_size = tail_struct.size
     unpack_length = _U16.unpack_from
     new = tuple.__new__
 

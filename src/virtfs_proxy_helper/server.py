@@ -130,13 +130,14 @@ class Server:
                     raise PeerClosed(f"receive failed: {err.strerror}") from err
                 if received == 0:
                     raise PeerClosed("peer disconnected", clean=True)
-                self.filled = received
+                whole = False
                 if received >= protocol.HEADER_SIZE:
                     kind, size = _unpack_header(buffer)
-                    if received == protocol.HEADER_SIZE + size:
-                        self.filled = 0
-                        payload = buffer[protocol.HEADER_SIZE : received]
-                if self.filled:
+                    whole = received == protocol.HEADER_SIZE + size
+                if whole:
+                    payload = buffer[protocol.HEADER_SIZE : received]
+                else:
+                    self.filled = received
                     kind, payload = self._read_frame()
             self.requests += 1
 
