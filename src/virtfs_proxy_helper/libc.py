@@ -136,11 +136,11 @@ def lutimens(
 
 # statfs(2). On 64-bit Linux every field of struct statfs is a long except
 # f_fsid, which is two ints. _STATFS_FIELDS reads the ones the proxy protocol
-# carries, which come first; f_flags and f_spare follow them.
+# carries, which come first. f_flags and f_spare follow them.
 _STATFS_FIELDS = struct.Struct("=qq5Q2iqq")
 _STATFS_SIZE = 120
-# One buffer for every call: the helper is single-threaded, and this saves
-# allocating a ctypes structure per STATFS request.
+# One buffer serves every call, because the helper is single-threaded. That
+# saves allocating a ctypes structure per STATFS request.
 _statfs_buffer = ctypes.create_string_buffer(_STATFS_SIZE)
 
 
@@ -243,7 +243,7 @@ class _OpenHow(ctypes.Structure):
 
 
 # A handle on syscall(2) of its own, typed for openat2, so the arguments need
-# no wrapping per call, and one open_how reused by every call: the helper is
+# no wrapping per call. Every call reuses one open_how, because the helper is
 # single-threaded.
 _openat2_syscall = _libc["syscall"]
 _openat2_syscall.argtypes = [
